@@ -1,0 +1,188 @@
+"""Sequence layer: stacked cells run over time, with the interface of ``torch.nn.GRU``.
+
+For each layer the input projection ``W x_t`` of *all* time steps is one matmul before the
+time loop; only ``U h_{t-1}`` is sequential, and ``U`` is prepared once per call (its
+active factors, or one dense matrix when that is cheaper, see
+:meth:`str_rnn.lowrank.Matrix.chain`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .cells import CELLS, RNNCell, cell_class
+
+
+def _check_lengths(lengths, batch: int, steps: int) -> torch.Tensor:
+    lengths = torch.as_tensor(lengths).to("cpu", torch.int64)
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths has shape {tuple(lengths.shape)}; expected (batch,) = ({batch},)")
+    if batch and (lengths.min() < 1 or lengths.max() > steps):
+        raise ValueError(f"lengths must lie in [1, {steps}] (the padded sequence length); "
+                         f"got min {int(lengths.min())}, max {int(lengths.max())}")
+    return lengths
+
+
+def scan(cell: RNNCell, wx: torch.Tensor, state, lengths: torch.Tensor | None = None):
+    """Reference time loop of one layer (plain autograd through every step).
+
+    Args:
+        cell: the layer's cell.
+        wx: ``W x_t`` for all steps, ``[B, T, G * hidden]``.
+        state: initial state (``h`` or ``(h, c)``), ``[B, hidden]`` each.
+        lengths: true lengths ``[B]`` (CPU int64) or ``None``; a sequence's state stops
+            changing after its last real step and its outputs there are zero.
+
+    Returns:
+        ``(outputs [B, T, hidden], final state)``.
+    """
+    u_chain = cell.U.chain()
+    steps = wx.shape[1]
+    masks = None
+    if lengths is not None and bool((lengths < steps).any()):
+        t = torch.arange(steps).unsqueeze(1)
+        masks = (t < lengths.unsqueeze(0)).to(wx.device).unsqueeze(-1)  # [T, B, 1]
+    outputs = []
+    for t in range(steps):
+        new = cell.recurrence(wx[:, t], state, u_chain)
+        if masks is not None:
+            keep = masks[t]
+            if isinstance(new, tuple):
+                new = tuple(torch.where(keep, n, o) for n, o in zip(new, state))
+            else:
+                new = torch.where(keep, new, state)
+            outputs.append(RNNCell.output(new) * keep)
+        else:
+            outputs.append(RNNCell.output(new))
+        state = new
+    return torch.stack(outputs, dim=1), state
+
+
+class RNN(nn.Module):
+    """Multi-layer recurrent network of FastGRNN / FastRNN / LSTM / GRU cells.
+
+    Args:
+        cell: ``"fastgrnn" | "fastrnn" | "lstm" | "gru"``.
+        input_size: features per step.
+        hidden_size: hidden units per layer.
+        num_layers: stacked layers (layer ``l > 0`` reads layer ``l - 1``'s outputs).
+        batch_first: input and output are ``[B, T, F]`` (default) or ``[T, B, F]``.
+        **cell_kwargs: passed to every cell: ``matrix``, ``rank_w``, ``rank_u``, ``init``,
+            ``g``, ``s_init`` (see :class:`str_rnn.cells.RNNCell`).
+
+    ``forward(x, state=None, lengths=None) -> (output, h_n)`` like ``torch.nn.GRU``;
+    for LSTM ``h_n`` is ``(h_n, c_n)``; each is ``[num_layers, B, hidden]``. ``x`` may be a
+    ``PackedSequence`` (then ``output`` is one too) or a padded tensor with ``lengths``.
+    """
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, *, num_layers: int = 1,
+                 batch_first: bool = True, **cell_kwargs):
+        super().__init__()
+        cls = cell_class(cell)
+        if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
+            raise ValueError(f"num_layers={num_layers!r}: expected a positive integer")
+        cells = [cls(input_size if i == 0 else hidden_size, hidden_size, **cell_kwargs) for i in range(num_layers)]
+        self._setup(cell, cells, batch_first)
+
+    def _setup(self, cell: str, cells: list[RNNCell], batch_first: bool):
+        self.cell = cell
+        self.layers = nn.ModuleList(cells)
+        self.input_size = cells[0].input_size
+        self.hidden_size = cells[0].hidden_size
+        self.num_layers = len(cells)
+        self.batch_first = batch_first
+        self.has_cell_state = cells[0].has_cell_state
+
+    @classmethod
+    def from_cells(cls, cells: list[RNNCell], *, batch_first: bool = True) -> "RNN":
+        """Stack ready-made cells (all of one type, sizes chained) into a sequence layer."""
+        if not cells:
+            raise ValueError("cells: expected at least one cell")
+        names = {name for name, c in CELLS.items() if type(cells[0]) is c}
+        if not names or any(type(c) is not type(cells[0]) for c in cells):
+            raise ValueError("cells: expected cells of one str_rnn cell type")
+        for i in range(1, len(cells)):
+            if cells[i].input_size != cells[0].hidden_size or cells[i].hidden_size != cells[0].hidden_size:
+                raise ValueError(f"cells[{i}] has sizes ({cells[i].input_size}, {cells[i].hidden_size}); "
+                                 f"expected ({cells[0].hidden_size}, {cells[0].hidden_size})")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(names.pop(), list(cells), batch_first)
+        return self
+
+    def _initial_states(self, state, batch: int, ref: torch.Tensor):
+        if state is None:
+            return [c.init_state(batch, device=ref.device, dtype=ref.dtype) for c in self.layers]
+        expected = (self.num_layers, batch, self.hidden_size)
+        parts = state if self.has_cell_state else (state,)
+        if self.has_cell_state and not (isinstance(state, (tuple, list)) and len(state) == 2):
+            raise ValueError("state: expected a tuple (h_0, c_0) for an LSTM")
+        for p in parts:
+            if not isinstance(p, torch.Tensor) or tuple(p.shape) != expected:
+                raise ValueError(f"state has shape {tuple(getattr(p, 'shape', ()))}; "
+                                 f"expected (num_layers, batch, hidden_size) = {expected}")
+        if self.has_cell_state:
+            return [(state[0][i], state[1][i]) for i in range(self.num_layers)]
+        return [state[i] for i in range(self.num_layers)]
+
+    def _stack_states(self, states):
+        if self.has_cell_state:
+            return torch.stack([s[0] for s in states]), torch.stack([s[1] for s in states])
+        return torch.stack(states)
+
+    def forward(self, x, state=None, lengths=None):
+        packed = isinstance(x, PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise ValueError("lengths: give either a PackedSequence or lengths, not both")
+            x, lengths = pad_packed_sequence(x, batch_first=True)
+        elif not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a tensor or PackedSequence, got {type(x).__name__}")
+        elif self.batch_first is False:
+            x = x.transpose(0, 1)
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+        if x.dim() != 3 or x.shape[-1] != self.input_size:
+            layout = "(batch, steps, features)" if self.batch_first or packed else "(steps, batch, features)"
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected {layout} with features = "
+                             f"input_size = {self.input_size}")
+        batch, steps = x.shape[0], x.shape[1]
+        if lengths is not None:
+            lengths = _check_lengths(lengths, batch, steps)
+        states = self._initial_states(state, batch, x)
+        finals = []
+        for cell, s in zip(self.layers, states):
+            x, s = scan(cell, cell.W(x), s, lengths)
+            finals.append(s)
+        h_n = self._stack_states(finals)
+        if packed:
+            return pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False), h_n
+        return (x if self.batch_first else x.transpose(0, 1)), h_n
+
+    def step(self, x_t: torch.Tensor, state=None):
+        """Streaming inference: advance every layer by one step.
+
+        Args:
+            x_t: ``[B, input_size]``.
+            state: ``None`` or the state returned by the previous call (``[L, B, H]``,
+                or ``(h, c)`` for an LSTM).
+
+        Returns:
+            ``(h_t [B, hidden] of the top layer, new state)``.
+        """
+        states = self._initial_states(state, x_t.shape[0], x_t)
+        out, new = x_t, []
+        for cell, s in zip(self.layers, states):
+            s = cell(out, s)
+            new.append(s)
+            out = RNNCell.output(s)
+        return out, self._stack_states(new)
+
+    def spec(self) -> dict:
+        return {"type": "RNN", "cell": self.cell, "batch_first": self.batch_first,
+                "layers": [c.spec() for c in self.layers]}
+
+    def extra_repr(self) -> str:
+        return (f"cell={self.cell}, input_size={self.input_size}, hidden_size={self.hidden_size}, "
+                f"num_layers={self.num_layers}, batch_first={self.batch_first}")
