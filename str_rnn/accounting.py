@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from .cells import RNNCell
-from .lowrank import LowRankSTR, Matrix, SparseSTR
+from .lowrank import FixedSparse, LowRankSTR, Matrix, SparseSTR
 from .threshold import Threshold
 
 
@@ -26,7 +26,7 @@ def ranks(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 def thresholds(model: nn.Module) -> dict[str, float]:
     """``{name: g(s)}`` for every learnable threshold of ``model``."""
-    return {name: float(t()) for name, t in model.named_modules() if isinstance(t, Threshold)}
+    return {name: float(t().detach()) for name, t in model.named_modules() if isinstance(t, Threshold)}
 
 
 def count_params(model: nn.Module) -> int:
@@ -64,7 +64,7 @@ def summary(model: nn.Module, seq_len: int | None = None) -> str:
     rows = [("matrix", "shape", "kind", "rank", "params")]
     for name, m in matrices(model).items():
         kind = type(m).__name__
-        if isinstance(m, SparseSTR):
+        if isinstance(m, (SparseSTR, FixedSparse)):
             kind += f" nnz={m.nnz}"
         rows.append((name, f"{m.out_features}x{m.in_features}", kind, f"{m.rank}/{m.max_rank}",
                      str(m.effective_params)))

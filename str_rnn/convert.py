@@ -4,8 +4,9 @@
   ``nn.GRUCell`` into the equivalent str_rnn module (outputs equal within 1e-5), by
   default with learned-rank matrices whose σ are the singular values of torch's weights.
 * :func:`compact` returns a copy in which every learned-rank matrix is a fixed-rank matrix
-  of its learned rank (or dense when that is smaller) and every sparse STR matrix is
-  dense, so the threshold machinery is gone and the outputs are unchanged.
+  of its learned rank (or dense when that is smaller) and every sparse STR matrix keeps
+  only its nonzeros, so the threshold machinery is gone, the outputs are unchanged and the
+  copy holds exactly :func:`str_rnn.count_params` parameters.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from .cells import GRUCell, LSTMCell
-from .lowrank import Dense, FixedRank, LowRankSTR, Matrix, SparseSTR
+from .lowrank import Dense, FixedRank, FixedSparse, LowRankSTR, Matrix, SparseSTR
 from .rnn import RNN
 
 _TORCH_CELLS = {nn.LSTM: LSTMCell, nn.GRU: GRUCell, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell}
@@ -85,15 +86,23 @@ def from_torch(module: nn.Module, *, matrix: str = "str", **matrix_kwargs):
 
 @torch.no_grad()
 def compact_matrix(m: Matrix) -> Matrix:
-    """The cheapest threshold-free matrix equal to ``m.weight``."""
+    """The cheapest threshold-free matrix equal to ``m.weight``.
+
+    Its parameter count is ``m.effective_params``: a rank-0 learned-rank matrix becomes a
+    :class:`FixedSparse` without nonzeros (no parameters, not a dense block of zeros).
+    """
     if isinstance(m, LowRankSTR):
         left, right = m.active_factors()
         r = left.shape[1]
-        if r == 0 or r * (m.in_features + m.out_features) >= m.in_features * m.out_features:
+        if r == 0:
+            return FixedSparse(m.in_features, m.out_features, 0)
+        if r * (m.in_features + m.out_features) >= m.in_features * m.out_features:
             return Dense.from_dense(m.weight)
         return FixedRank.from_factors(left, right.mT)
     if isinstance(m, SparseSTR):
-        return Dense.from_dense(m.weight)
+        if m.nnz == m.in_features * m.out_features:
+            return Dense.from_dense(m.weight)
+        return FixedSparse.from_dense(m.weight)
     return copy.deepcopy(m)
 
 
@@ -101,9 +110,11 @@ def compact(model: nn.Module) -> nn.Module:
     """Out-of-place compaction of every learned-rank / sparse matrix in ``model``.
 
     Each :class:`LowRankSTR` becomes ``FixedRank(A_r · diag(S_g(σ, s)_r), B_rᵀ)`` over its
-    active columns, or :class:`Dense` when ``r (out + in) >= out · in``; each
-    :class:`SparseSTR` becomes :class:`Dense`. Everything else is copied. The outputs of
-    the returned model equal those of ``model`` (to float rounding).
+    active columns, or :class:`Dense` when ``r (out + in) >= out · in``, or an empty
+    :class:`FixedSparse` when ``r = 0``; each :class:`SparseSTR` becomes a
+    :class:`FixedSparse` of its nonzeros (:class:`Dense` when it has no zeros). Everything
+    else is copied. The outputs of the returned model equal those of ``model`` (to float
+    rounding) and ``count_params(compact(model)) == count_params(model)``.
     """
     new = copy.deepcopy(model)
     if isinstance(new, Matrix):

@@ -18,7 +18,11 @@ class                     M                                              rank
 :class:`FixedRank`        ``W1 @ W2`` (EdgeML's low-rank cells)          fixed ``r``
 :class:`LowRankSTR`       ``A · diag(S_g(σ, s)) · Bᵀ``                    nnz of S_g(σ, s)
 :class:`SparseSTR`        ``S_g(W, s)`` element-wise (unstructured)      numerical rank
+:class:`FixedSparse`      given values at fixed positions                numerical rank
 ========================  =============================================  ==============
+
+``FixedRank`` and ``FixedSparse`` are what :func:`str_rnn.compact` turns ``LowRankSTR`` and
+``SparseSTR`` into once training has fixed the rank / the nonzero pattern.
 """
 from __future__ import annotations
 
@@ -195,7 +199,8 @@ class FixedRank(Matrix):
         ``rank=None`` keeps the numerical rank of ``weight``.
         """
         if rank is None:
-            rank = max(1, int(torch.linalg.matrix_rank(weight.detach().double())))
+            # tolerance of weight's own dtype: in float64, float32 round-off counts as rank
+            rank = max(1, int(torch.linalg.matrix_rank(weight.detach())))
         return cls(weight.shape[1], weight.shape[0], rank, weight=weight, preserve_scale=False)
 
     @classmethod
@@ -226,10 +231,15 @@ class LowRankSTR(Matrix):
         s_init: initial threshold parameter (``g = exp``, ``s = -10`` gives 4.5e-5).
         max_rank: cap on ``k`` (truncated SVD of the initial matrix).
         weight: initial dense matrix (default: ``torch.nn.Linear``'s initialisation).
+        preserve_scale: when ``max_rank`` truncates the SVD, rescale the kept singular
+            values so that ``M`` keeps the Frobenius norm of ``weight`` (the entry spread of
+            the dense cell), as :class:`FixedRank` does; :meth:`from_dense` turns it off
+            to get the best rank-``max_rank`` approximation instead.
     """
 
     def __init__(self, in_features: int, out_features: int, *, init: str = "svd", g: str = "exp",
-                 s_init: float = -10.0, max_rank: int | None = None, weight: torch.Tensor | None = None):
+                 s_init: float = -10.0, max_rank: int | None = None, weight: torch.Tensor | None = None,
+                 preserve_scale: bool = True):
         super().__init__(in_features, out_features)
         if init not in ("svd", "gate"):
             raise ValueError(f"init={init!r}: expected 'svd' or 'gate'")
@@ -246,6 +256,9 @@ class LowRankSTR(Matrix):
         _check_weight(weight, in_features, out_features)
         u, s, v = _svd(weight)
         u, s, v = u[:, :max_rank], s[:max_rank], v[:, :max_rank]
+        if preserve_scale and s.norm() > 0:
+            # a truncated start would be smaller than the dense cell's (see FixedRank)
+            s = s * (torch.linalg.matrix_norm(weight.double()) / s.norm())
         self.threshold = Threshold(g, s_init)
         g_s = self.threshold().detach().double()
         if init == "svd":
@@ -342,8 +355,13 @@ class LowRankSTR(Matrix):
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, **kwargs) -> "LowRankSTR":
-        """``A, σ, B`` from the SVD of ``weight``; reproduces it exactly (``init="svd"``)."""
+        """``A, σ, B`` from the SVD of ``weight``; reproduces it exactly (``init="svd"``).
+
+        With ``max_rank=r`` below the rank of ``weight`` it holds the best rank-``r``
+        approximation (no rescaling).
+        """
         kwargs.setdefault("init", "svd")
+        kwargs.setdefault("preserve_scale", False)
         return cls(weight.shape[1], weight.shape[0], weight=weight, **kwargs)
 
 
@@ -387,6 +405,68 @@ class SparseSTR(Matrix):
     @classmethod
     def from_dense(cls, weight: torch.Tensor, **kwargs) -> "SparseSTR":
         return cls(weight.shape[1], weight.shape[0], weight=weight, **kwargs)
+
+
+class FixedSparse(Matrix):
+    """A matrix whose nonzeros sit at fixed positions: ``M[indices[0], indices[1]] = values``.
+
+    The compacted form of :class:`SparseSTR` (and of a :class:`LowRankSTR` pruned to rank 0,
+    with no nonzeros at all). Only ``values`` are parameters, so ``effective_params`` is the
+    number of nonzeros, the count STR reports; the positions are an int64 buffer that the
+    4-bytes-per-parameter size convention does not count.
+
+    Args:
+        in_features, out_features: matrix shape is ``out x in``.
+        nnz: number of stored entries when ``weight`` is not given (zeros at position
+            ``(0, 0)``; :func:`str_rnn.load` then fills values and positions).
+        weight: a dense matrix whose nonzero entries are kept.
+    """
+
+    def __init__(self, in_features: int, out_features: int, nnz: int | None = None, *,
+                 weight: torch.Tensor | None = None):
+        super().__init__(in_features, out_features)
+        if weight is not None:
+            _check_weight(weight, in_features, out_features)
+            indices = weight.detach().nonzero().mT
+            if nnz is not None and nnz != indices.shape[1]:
+                raise ValueError(f"nnz={nnz!r} but weight has {indices.shape[1]} nonzeros")
+            values = weight.detach()[indices[0], indices[1]]
+        else:
+            size = in_features * out_features
+            if not isinstance(nnz, int) or isinstance(nnz, bool) or not 0 <= nnz <= size:
+                raise ValueError(f"nnz={nnz!r} out of range for a {out_features}x{in_features} matrix; "
+                                 f"expected an integer in [0, {size}] (or a weight)")
+            indices = torch.zeros(2, nnz, dtype=torch.int64)
+            values = torch.zeros(nnz)
+        self.register_buffer("indices", indices.contiguous())
+        self.values = nn.Parameter(values.float())
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        dense = self.values.new_zeros(self.out_features, self.in_features)
+        return dense.index_put((self.indices[0], self.indices[1]), self.values)
+
+    @property
+    def rank(self) -> int:
+        return int(torch.linalg.matrix_rank(self.weight.detach()))
+
+    @property
+    def effective_params(self) -> int:
+        return self.nnz
+
+    def spec(self) -> dict:
+        return {**super().spec(), "nnz": self.nnz}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, nnz={self.nnz}/{self.in_features * self.out_features}"
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor) -> "FixedSparse":
+        return cls(weight.shape[1], weight.shape[0], weight=weight)
 
 
 MATRIX_KINDS = {"dense": Dense, "fixed": FixedRank, "str": LowRankSTR, "sparse": SparseSTR}

@@ -4,13 +4,24 @@ For each layer the input projection ``W x_t`` of *all* time steps is one matmul 
 time loop; only ``U h_{t-1}`` is sequential, and ``U`` is prepared once per call (its
 active factors, or one dense matrix when that is cheaper, see
 :meth:`str_rnn.lowrank.Matrix.chain`).
+
+Two implementations of the time loop, with equal outputs and gradients:
+
+* the **fused** path (default, ``RNN(..., fused=True)``): one autograd node per layer with
+  a hand-written backward through time (:mod:`str_rnn.fused`), and, when no gradient is
+  needed, a lean inference loop (:mod:`str_rnn.infer`);
+* the **reference** loop :func:`scan` (``fused=False``): plain autograd through every
+  step, the definition the fused path is tested against.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from . import fused as _fused
+from . import infer as _infer
 from .cells import CELLS, RNNCell, cell_class
 
 
@@ -68,6 +79,8 @@ class RNN(nn.Module):
         hidden_size: hidden units per layer.
         num_layers: stacked layers (layer ``l > 0`` reads layer ``l - 1``'s outputs).
         batch_first: input and output are ``[B, T, F]`` (default) or ``[T, B, F]``.
+        fused: run the fused time loop (default) or, with ``False``, the reference loop
+            :func:`scan` (plain autograd through every step; slower, same results).
         **cell_kwargs: passed to every cell: ``matrix``, ``rank_w``, ``rank_u``, ``init``,
             ``g``, ``s_init`` (see :class:`str_rnn.cells.RNNCell`).
 
@@ -77,15 +90,18 @@ class RNN(nn.Module):
     """
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, *, num_layers: int = 1,
-                 batch_first: bool = True, **cell_kwargs):
+                 batch_first: bool = True, fused: bool = True, **cell_kwargs):
         super().__init__()
         cls = cell_class(cell)
         if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
             raise ValueError(f"num_layers={num_layers!r}: expected a positive integer")
         cells = [cls(input_size if i == 0 else hidden_size, hidden_size, **cell_kwargs) for i in range(num_layers)]
-        self._setup(cell, cells, batch_first)
+        self._setup(cell, cells, batch_first, fused)
 
-    def _setup(self, cell: str, cells: list[RNNCell], batch_first: bool):
+    def _setup(self, cell: str, cells: list[RNNCell], batch_first: bool, fused: bool):
+        if not isinstance(fused, bool):
+            raise ValueError(f"fused={fused!r}: expected True or False")
+        self.fused = fused
         self.cell = cell
         self.layers = nn.ModuleList(cells)
         self.input_size = cells[0].input_size
@@ -95,7 +111,7 @@ class RNN(nn.Module):
         self.has_cell_state = cells[0].has_cell_state
 
     @classmethod
-    def from_cells(cls, cells: list[RNNCell], *, batch_first: bool = True) -> "RNN":
+    def from_cells(cls, cells: list[RNNCell], *, batch_first: bool = True, fused: bool = True) -> "RNN":
         """Stack ready-made cells (all of one type, sizes chained) into a sequence layer."""
         if not cells:
             raise ValueError("cells: expected at least one cell")
@@ -108,7 +124,7 @@ class RNN(nn.Module):
                                  f"expected ({cells[0].hidden_size}, {cells[0].hidden_size})")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(names.pop(), list(cells), batch_first)
+        self._setup(names.pop(), list(cells), batch_first, fused)
         return self
 
     def _initial_states(self, state, batch: int, ref: torch.Tensor):
@@ -151,14 +167,51 @@ class RNN(nn.Module):
         if lengths is not None:
             lengths = _check_lengths(lengths, batch, steps)
         states = self._initial_states(state, batch, x)
-        finals = []
-        for cell, s in zip(self.layers, states):
-            x, s = scan(cell, cell.W(x), s, lengths)
-            finals.append(s)
+        if self._use_fused(batch, steps):
+            x, finals = self._forward_fused(x.transpose(0, 1), states, lengths)
+            x = x.transpose(0, 1)
+        else:
+            finals = []
+            for cell, s in zip(self.layers, states):
+                x, s = scan(cell, cell.W(x), s, lengths)
+                finals.append(s)
         h_n = self._stack_states(finals)
         if packed:
             return pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False), h_n
         return (x if self.batch_first else x.transpose(0, 1)), h_n
+
+    def _use_fused(self, batch: int, steps: int) -> bool:
+        return self.fused and batch > 0 and steps > 0 and all(_fused.supports(c) for c in self.layers)
+
+    def _forward_fused(self, x: torch.Tensor, states, lengths):
+        """All layers over time-major ``x [T, B, F]``; returns ``(outputs [T, B, H], finals)``.
+
+        Sequences shorter than ``T`` run to the longest length only; their outputs past
+        their own end are zero and their final state is read at their last step.
+        """
+        steps = x.shape[0]
+        last = mask = None
+        run = steps
+        if lengths is not None and bool((lengths < steps).any()):
+            run = int(lengths.max())
+            last = (lengths - 1).to(x.device)
+            keep = torch.arange(run).unsqueeze(1) < lengths.unsqueeze(0)
+            mask = keep.to(device=x.device, dtype=x.dtype).unsqueeze(-1)  # [run, B, 1]
+            x = x[:run]
+        infer = not _infer.needs_grad(self, x, states) and _infer.supports(self, x)
+        finals = []
+        for cell, s in zip(self.layers, states):
+            wx = cell.W(x)
+            if infer:
+                x, s = _infer.scan(cell, wx, s, last)
+            else:
+                x, s = _fused.fused_scan(cell, wx, s, last)
+            if mask is not None:
+                x = x * mask
+            finals.append(s)
+        if run < steps:
+            x = F.pad(x, (0, 0, 0, 0, 0, steps - run))
+        return x, finals
 
     def step(self, x_t: torch.Tensor, state=None):
         """Streaming inference: advance every layer by one step.

@@ -36,6 +36,8 @@ def build(spec: dict):
         return _lowrank.LowRankSTR(**args)
     if kind == "SparseSTR":
         return _lowrank.SparseSTR(**args)
+    if kind == "FixedSparse":
+        return _lowrank.FixedSparse(**args)
     if kind in ("FastGRNNCell", "FastRNNCell", "LSTMCell", "GRUCell"):
         cls = getattr(_cells, kind)
         return cls(args["input_size"], args["hidden_size"], W=build(args["W"]), U=build(args["U"]))

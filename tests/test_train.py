@@ -1,0 +1,359 @@
+"""The training engine: resume, non-finite steps, decoupled decay, selection, DDP, files.
+
+Every run trains a tiny FastGRNN on a tiny in-memory two-class dataset (seconds), passed
+through ``train(..., datasets=...)``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import str_rnn
+from str_rnn import runs
+from str_rnn import train as engine
+from str_rnn.config import TrainConfig
+from str_rnn.train import NonFiniteError, TrainingInterrupted, train
+
+TESTS = Path(__file__).resolve().parent
+
+
+class Tiny(torch.utils.data.Dataset):
+    """``n`` sequences ``[steps, 3]`` whose class shifts the mean of the first feature."""
+
+    classes = ["low", "high"]
+
+    def __init__(self, n: int, seed: int, steps: int = 12):
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.randint(0, 2, (n,), generator=g)
+        self.x = torch.randn(n, steps, 3, generator=g) + 3
+        self.x[:, :, 0] += 2 * self.y.view(-1, 1)
+        self.targets = self.y.tolist()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+class Faulty(Tiny):
+    """A :class:`Tiny` that misbehaves once ``armed``, after ``after`` item reads.
+
+    ``fault="nan"``: item 0 comes back with a NaN (every read past ``after``);
+    ``fault="interrupt"``: the read number ``after`` raises ``KeyboardInterrupt``.
+    """
+
+    def __init__(self, n, seed, *, fault: str, after: int):
+        super().__init__(n, seed)
+        self.fault, self.after, self.reads, self.armed = fault, after, 0, False
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        if self.armed:
+            self.reads += 1
+            if self.fault == "interrupt" and self.reads == self.after:
+                raise KeyboardInterrupt
+            if self.fault == "nan" and self.reads > self.after and i == 0:
+                x = x.clone()
+                x[0, 0] = float("nan")
+        return x, y
+
+
+def tiny_splits(n_train=60, train_cls=Tiny, **kw) -> dict:
+    return {"train": train_cls(n_train, 0, **kw), "val": Tiny(30, 1), "test": Tiny(30, 2)}
+
+
+def tiny_config(**changes) -> TrainConfig:
+    base = dict(hidden_size=6, epochs=3, batch_size=10, progress=False, threads=1, device="cpu")
+    return TrainConfig().replace(**{**base, **changes})
+
+
+@pytest.fixture
+def arm_faults(monkeypatch):
+    """Statistics straight from the tensors, then arm any Faulty train split (reads count from here)."""
+
+    def stats(ds):
+        if isinstance(ds, Faulty):
+            ds.armed = True
+        flat = ds.x.reshape(-1, ds.x.shape[-1])
+        return flat.mean(0), flat.std(0), ds.x.shape[1]
+
+    monkeypatch.setattr(engine, "split_statistics", stats)
+
+
+def strip_times(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def state(path):
+    return torch.load(Path(path) / "model.pt", weights_only=True)
+
+
+# -- files, config ------------------------------------------------------------------------
+
+def test_run_directory_contents(tmp_path):
+    row = train(tiny_config(epochs=2, select="best-val"), tmp_path / "run", datasets=tiny_splits())
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "result.json", "best/model.pt",
+                 "final/meta.json", "compact/meta.json"):
+        assert (run / name).is_file(), name
+    assert TrainConfig.from_json(run / "config.json") == tiny_config(epochs=2, select="best-val").resolved()
+    rows = runs.read_metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("train_loss", "train_acc", "val_acc", "test_acc", "ranks", "thresholds", "params", "bytes",
+                "flops", "lr", "skipped_steps", "seconds"):
+        assert key in rows[0], key
+    assert rows[0]["ranks"] == {"rnn.layers.0.W": 3, "rnn.layers.0.U": 6}
+    assert json.loads((run / "result.json").read_text()) == row
+    assert row["final_test_acc"] == rows[-1]["test_acc"]
+    best = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))
+    assert row["selected_epoch"] == best["epoch"] and row["selected_test_acc"] == best["test_acc"]
+    meta = json.loads((run / "compact" / "meta.json").read_text())
+    assert meta["normalisation"]["mean"] == pytest.approx(state(run / "final")["mean"].tolist())
+    # the checkpoint loads with weights_only=True and holds the resume state
+    ck = runs.load_checkpoint(run)
+    assert ck["epoch"] == 2 and set(ck) >= {"model", "optimizer", "scheduler", "rng", "rows", "best"}
+
+
+def test_compacted_model_scores_like_the_model(tmp_path):
+    splits = tiny_splits()
+    train(tiny_config(epochs=2, spectrum_decay=3.0, spectrum_penalty="l1"), tmp_path / "r", datasets=splits)
+    model, small = str_rnn.load(tmp_path / "r" / "final"), str_rnn.load(tmp_path / "r" / "compact")
+    assert str_rnn.count_params(small) == str_rnn.count_params(model)
+    for split in ("val", "test"):
+        assert engine.evaluate(small, splits[split]) == engine.evaluate(model, splits[split])
+    x = splits["test"].x
+    torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fresh_run_refuses_a_used_directory_and_bad_ranks_write_nothing(tmp_path):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("")
+    with pytest.raises(ValueError, match="already exists"):
+        train(tiny_config(), tmp_path / "used", datasets=tiny_splits())
+    with pytest.raises(ValueError, match="rank"):
+        train(tiny_config(mode="fixed", rank_w=4, rank_u=2), tmp_path / "bad", datasets=tiny_splits())
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"colour": 1}, "'colour' is unknown"),
+    ({"lr": "fast"}, "'lr': expected a number"),
+    ({"model": {"lr": 0.1}}, "'model.lr' is unknown"),
+    ({"epochs": 2.5}, "'epochs': expected an integer"),
+    ({"cell": "rnn"}, "'cell': 'rnn' is not one of"),
+    ({"progress": "yes"}, "'progress': expected true or false"),
+])
+def test_config_rejects_unknown_keys_and_wrong_types(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(bad)
+
+
+def test_config_round_trips_and_resolves_task_defaults():
+    c = TrainConfig().replace(task="kws12", epochs=30, spectrum_decay=0.5)
+    assert TrainConfig.from_dict(c.to_dict()) == c
+    assert TrainConfig.from_dict(c.flat()) == c
+    r = c.resolved()
+    assert (r.hidden_size, r.lr_steps, r.threshold_decay) == (100, [20], 0.5)
+    assert TrainConfig().resolved().hidden_size == 80
+    with pytest.raises(ValueError, match="mode=fixed needs rank_w"):
+        TrainConfig().replace(mode="fixed").resolved()
+    with pytest.raises(ValueError, match="select=budget needs"):
+        TrainConfig().replace(select="budget").resolved()
+
+
+# -- resume ---------------------------------------------------------------------------------
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, arm_faults):
+    cfg = tiny_config(epochs=3, lr_steps=[2], select="best-val", reorth_every=4, spectrum_decay=0.5,
+                      threshold_target=2.0)
+    straight = train(cfg, tmp_path / "a", datasets=tiny_splits())
+
+    # Ctrl-C in the middle of epoch 3 (60 items per epoch)
+    splits = tiny_splits(train_cls=Faulty, fault="interrupt", after=2 * 60 + 25)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train(cfg, tmp_path / "b", datasets=splits)
+    assert runs.load_checkpoint(tmp_path / "b")["epoch"] == 2
+    assert len(runs.read_metrics(tmp_path / "b")) == 2 and not runs.is_finished(tmp_path / "b")
+
+    resumed = train(cfg, tmp_path / "b", resume=True, datasets=tiny_splits())
+    assert strip_times(runs.read_metrics(tmp_path / "b")) == strip_times(runs.read_metrics(tmp_path / "a"))
+    for folder in ("final", "best", "compact"):
+        a, b = state(tmp_path / "a" / folder), state(tmp_path / "b" / folder)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+    drop = ("run_dir", "seconds")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in straight.items() if k not in drop}
+
+
+def test_resume_refuses_finished_incompatible_and_non_runs(tmp_path, arm_faults):
+    cfg = tiny_config(epochs=2)
+    train(cfg, tmp_path / "done", datasets=tiny_splits())
+    with pytest.raises(ValueError, match="finished"):
+        train(cfg, tmp_path / "done", resume=True, datasets=tiny_splits())
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, tmp_path / "cut", datasets=tiny_splits(train_cls=Faulty, fault="interrupt", after=70))
+    with pytest.raises(ValueError, match=r"lr=0\.5 \(run has 0\.01\)"):
+        train(cfg.replace(lr=0.5), tmp_path / "cut", resume=True, datasets=tiny_splits())
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        train(cfg, tmp_path, resume=True, datasets=tiny_splits())
+    # progress / threads may change on resume
+    train(cfg.replace(progress=True), tmp_path / "cut", resume=True, datasets=tiny_splits())
+    assert runs.is_finished(tmp_path / "cut")
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    a = train(tiny_config(epochs=1), tmp_path / "a", datasets=tiny_splits())
+    b = train(tiny_config(epochs=1), tmp_path / "b", datasets=tiny_splits())
+    c = train(tiny_config(epochs=1, seed=1), tmp_path / "c", datasets=tiny_splits())
+    assert a["final_train_loss"] == b["final_train_loss"] != c["final_train_loss"]
+
+
+# -- non-finite steps -----------------------------------------------------------------------
+
+def test_nonfinite_stop_keeps_the_last_good_checkpoint(tmp_path, arm_faults):
+    splits = tiny_splits(train_cls=Faulty, fault="nan", after=60)  # NaN from epoch 2 on
+    with pytest.raises(NonFiniteError, match=r"epoch 2.*checkpoint.*\(epoch 1\)"):
+        train(tiny_config(), tmp_path / "r", datasets=splits)
+    ck = runs.load_checkpoint(tmp_path / "r")
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert len(runs.read_metrics(tmp_path / "r")) == 1 and not runs.is_finished(tmp_path / "r")
+
+
+def test_nonfinite_skip_counts_and_logs_the_steps(tmp_path, arm_faults):
+    splits = tiny_splits(train_cls=Faulty, fault="nan", after=60)
+    row = train(tiny_config(on_nonfinite="skip"), tmp_path / "r", datasets=splits)
+    assert [r["skipped_steps"] for r in runs.read_metrics(tmp_path / "r")] == [0, 1, 1]
+    assert row["skipped_steps"] == 2
+    assert all(torch.isfinite(v).all() for v in state(tmp_path / "r" / "final").values())
+
+
+def test_grad_norm_survives_float32_overflow():
+    # float32 squares overflow past ~1.8e19: torch's clip_grad_norm_ then returns inf and
+    # scales every gradient to 0; the engine's norm is accumulated in float64
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.full((4,), 1e20)
+    assert engine.grad_norm([p]) == pytest.approx(2e20)
+    p.grad[0] = float("inf")
+    assert engine.grad_norm([p]) == math.inf
+
+
+# -- decay ----------------------------------------------------------------------------------
+
+def test_decay_is_decoupled_and_acts_as_lambda_says():
+    cfg = tiny_config(spectrum_decay=0.5, weight_decay=0.1, threshold_target=2.0).resolved()
+    model = engine.build_model(cfg, 3, 2)
+    opt = engine.make_optimizer(model, cfg)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"weights", "factors", "spectra", "thresholds"}
+    assert groups["factors"]["lr"] == pytest.approx(cfg.lr * cfg.lr_factors)
+    assert all(g["weight_decay"] == 0 for g in opt.param_groups)  # nothing inside Adam
+    w = model.rnn.layers[0].W
+    before = {n: p.detach().clone() for n, p in (("sigma", w.sigma), ("s", w.threshold.s), ("A", w.A),
+                                                 ("bias", model.head.bias))}
+    engine.apply_decay(opt, cfg)
+    lr = cfg.lr
+    torch.testing.assert_close(w.sigma, before["sigma"] * (1 - lr * 0.5))
+    torch.testing.assert_close(w.threshold.s, before["s"] - lr * 0.5 * (before["s"] - 2.0))
+    torch.testing.assert_close(w.A, before["A"] * (1 - lr * cfg.lr_factors * 0.1))
+    torch.testing.assert_close(model.head.bias, before["bias"] * (1 - lr * 0.1))
+    l1 = cfg.replace(spectrum_penalty="l1")
+    engine.apply_decay(engine.make_optimizer(model, l1), l1)
+    assert (w.sigma.abs() < before["sigma"].abs()).all()
+
+
+@pytest.mark.parametrize("penalty", ["l2", "l1"])
+def test_spectrum_decay_lowers_the_rank_and_zero_keeps_it_full(tmp_path, penalty):
+    rows = [train(tiny_config(epochs=2, hidden_size=12, spectrum_decay=lam, spectrum_penalty=penalty),
+                  tmp_path / str(lam), datasets=tiny_splits()) for lam in (0.0, 5.0, 15.0)]
+    full, weak, strong = rows
+    assert (full["final_rank_w_total"], full["final_rank_u_total"]) == (3, 12)
+    assert strong["final_rank_u_total"] < 12 and strong["final_params"] < full["final_params"]
+    assert full["final_rank_u_total"] >= weak["final_rank_u_total"] >= strong["final_rank_u_total"]
+    # decay on s raises the threshold, further for a larger lambda (it is not divided by Adam's scale)
+    u = "final_threshold:rnn.layers.0.U.threshold"
+    assert full[u] < 1e-4 < weak[u] < strong[u] < 1
+
+
+def test_reorthogonalize_keeps_the_model_and_resets_optimiser_state():
+    cfg = tiny_config().resolved()
+    model = engine.build_model(cfg, 3, 2)
+    opt = engine.make_optimizer(model, cfg)
+    x = torch.randn(4, 5, 3)
+    model(x).sum().backward()
+    opt.step()
+    before = model(x).detach()
+    assert engine.reorthogonalize(model, opt) == 2
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)
+    w = model.rnn.layers[0].W
+    assert w.A not in opt.state and w.sigma not in opt.state and w.threshold.s in opt.state
+
+
+# -- selection ----------------------------------------------------------------------------------
+
+def test_budget_selection_uses_validation_within_the_budget(tmp_path):
+    cfg = tiny_config(epochs=3, spectrum_decay=4.0, spectrum_penalty="l1", select="budget")
+    free = train(cfg.replace(budget_params=10**6), tmp_path / "free", datasets=tiny_splits())
+    rows = runs.read_metrics(tmp_path / "free")
+    assert free["selected_epoch"] == max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))["epoch"]
+    smallest = min(r["params"] for r in rows)
+    tight = train(cfg.replace(budget_params=smallest), tmp_path / "tight", datasets=tiny_splits())
+    assert tight["selected_params"] <= smallest
+    none = train(cfg.replace(budget_bytes=4), tmp_path / "none", datasets=tiny_splits())
+    assert none["selected_epoch"] is None and not (tmp_path / "none" / "best").exists()
+
+
+# -- distributed ----------------------------------------------------------------------------------
+
+DDP_SCRIPT = """
+import json, sys
+import torch
+from test_train import tiny_config, tiny_splits
+from str_rnn.train import train
+torch.set_num_threads(1)
+row = train(tiny_config(epochs=1, batch_size=8, spectrum_decay=2.0), sys.argv[1],
+            datasets=tiny_splits(n_train=48))
+json.dump(row, open(sys.argv[2], "w"))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_equals_single_process(tmp_path):
+    pytest.importorskip("torch.distributed")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "ddp"), str(tmp_path / f"row{r}.json")],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    single = train(tiny_config(epochs=1, batch_size=8, spectrum_decay=2.0), tmp_path / "single",
+                   datasets=tiny_splits(n_train=48))
+    rows = [json.loads((tmp_path / f"row{r}.json").read_text()) for r in range(2)]
+    thresholds = [{k: v for k, v in r.items() if k.startswith("final_threshold:")} for r in rows]
+    assert thresholds[0] == thresholds[1]  # every rank holds the same thresholds
+    assert rows[0]["world_size"] == 2
+    a, b = state(tmp_path / "ddp" / "final"), state(tmp_path / "single" / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
+    for key in ("final_val_acc", "final_test_acc", "final_train_acc"):
+        assert rows[0][key] == single[key], key
+    assert rows[0]["final_train_loss"] == pytest.approx(single["final_train_loss"], abs=1e-5)
