@@ -97,7 +97,36 @@ def report_match(name: str, official: np.ndarray, official_y: np.ndarray, built:
                          for a in np.unique(official_y))
     print(f"  {name:28s} matched {hit.mean():6.1%} ({hit.sum()}/{len(hit)}), median worst-channel "
           f"corr {np.median(score):.4f}, max |diff| of matches {diff:.1e}; {per_class}")
-    return float(hit.mean())
+    return hit
+
+
+def placement_free(official: np.ndarray, official_y: np.ndarray, recordings, pipeline: hapt.Pipeline,
+                   margin: int = 256, block: int = 8192) -> np.ndarray:
+    """Worst-channel correlation of each official window with the best window of the
+    continuous built signal at *any* start (stride 1) within ``margin`` samples of a run
+    of its label: separates signal fidelity from window placement (label boundaries)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    zo = standardise(official)
+    score = np.full(len(official), -1.0)
+    for rec in recordings:
+        signals = hapt.preprocess(rec.acc, rec.gyro, pipeline)
+        for label in np.unique(official_y):
+            near = np.zeros(len(signals), dtype=bool)
+            for activity, a, b in hapt.activity_runs(rec.labels):
+                if activity == label:
+                    near[max(a - margin, 0):b + margin] = True
+            starts = np.flatnonzero(near[:len(signals) - pipeline.window + 1])
+            rows = np.flatnonzero(official_y == label)
+            for lo in range(0, len(starts), block):
+                windows = sliding_window_view(signals, pipeline.window, axis=0)[starts[lo:lo + block]]
+                zb = standardise(windows.transpose(0, 2, 1))
+                worst = None
+                for c in range(zo.shape[0]):
+                    corr = zo[c, rows] @ zb[c].T
+                    worst = corr if worst is None else np.minimum(worst, corr)
+                score[rows] = np.maximum(score[rows], worst.max(axis=1))
+    return score
 
 
 # ----------------------------------------------------------------------------- (b)
@@ -150,15 +179,17 @@ def train_and_score(task: str, train: har.HARDataset, tests: dict[str, tuple[np.
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="3 epochs and one seed: a smoke run of about a minute")
+    p.add_argument("--quick", action="store_true", help="3 epochs, one seed, no placement-free search: a smoke run")
     p.add_argument("--variants", default="uci",
                    help=f"comma-separated recipes for (a), or 'all': {', '.join(VARIANTS)}")
+    p.add_argument("--train-variants", default="uci",
+                   help="comma-separated recipes whose windows train the model of (b), or 'all'")
     p.add_argument("--skip-training", action="store_true", help="only figure (a)")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs for (b)")
-    p.add_argument("--seeds", type=int, default=2, help="training seeds for (b); gaps are averaged")
-    p.add_argument("--hidden", type=int, default=48, help="GRU hidden size for (b)")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs for (b)")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds for (b); gaps are averaged")
+    p.add_argument("--hidden", type=int, default=32, help="GRU hidden size for (b)")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate for (b)")
     p.add_argument("--batch", type=int, default=64, help="batch size for (b)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -171,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.epochs, args.seeds = 3, 1
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
+    train_names = list(VARIANTS) if args.train_variants == "all" else args.train_variants.split(",")
+    unknown = [n for n in names + train_names if n not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {', '.join(unknown)}; expected {', '.join(VARIANTS)} or all")
     if not args.official.is_file():
@@ -187,10 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(a) official windows with a built window of the same label at corr >= {THRESHOLD} on all 9 channels")
     t0 = time.time()
     test_recordings = hapt.read_recordings(subjects=har.TEST_VOLUNTEERS)
-    fractions = {}
     for name in names:
         built = hapt.build_arrays(test_recordings, VARIANTS[name], progress=False)
-        fractions[name] = report_match(f"test, {name}", official, official_y, built["windows"], built["activities"])
+        hit = report_match(f"test, {name}", official, official_y, built["windows"], built["activities"])
+        if name == "uci" and not args.quick and not hit.all():
+            score = placement_free(official[~hit], official_y[~hit], test_recordings, VARIANTS[name])
+            found = score >= THRESHOLD
+            print(f"  {'':28s} of the {len(found)} unmatched, {found.sum()} ({found.mean():.1%}) match a built "
+                  f"window at another start (stride 1): all matched {(hit.sum() + found.sum()) / len(hit):.1%}")
     train_ds = har.load_har("har6", "train", None, carve_val=False, progress=progress, out_dir=args.out_dir)
     if (args.subset / har.ARCHIVE_DIR).is_dir() or (args.subset / "train").is_dir():
         subset = har.load_har("har6", "train", args.subset, carve_val=False, progress=False)
@@ -199,19 +235,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_training:
         return 0
 
-    print(f"(b) GRU(hidden {args.hidden}) trained {args.epochs} epochs on {len(train_ds)} built training windows; "
+    print(f"(b) GRU(hidden {args.hidden}) trained {args.epochs} epochs on the built training windows; "
           f"accuracy % on the built test windows and on the official test split, {args.seeds} seed(s)")
-    w, a, _, _ = hapt.load_hapt_split("test", out_dir=args.out_dir, progress=False)
-    tests = {"built": (w, a), "official": (official, official_y)}
-    for task in ("har6", "har2"):
-        train = har.HARDataset(train_ds.windows, train_ds.activities, task)
-        t0 = time.time()
-        runs = [train_and_score(task, train, tests, args, seed) for seed in range(args.seeds)]
-        built_acc = np.array([r["built"] for r in runs])
-        official_acc = np.array([r["official"] for r in runs])
-        gap = built_acc - official_acc
-        print(f"  {task}: built {built_acc.mean():.2f}  official {official_acc.mean():.2f}  "
-              f"gap {gap.mean():+.2f} (per seed {', '.join(f'{g:+.2f}' for g in gap)})  [{time.time() - t0:.0f} s]")
+    for name in train_names:
+        if name == "uci":  # the cached windows that load_har(root=None) serves
+            train_w, train_a = train_ds.windows, train_ds.activities
+            test_w, test_a, _, _ = hapt.load_hapt_split("test", out_dir=args.out_dir, progress=False)
+        else:
+            built = hapt.build_arrays(hapt.read_recordings(), VARIANTS[name], progress=progress)
+            is_test = np.isin(built["subjects"], har.TEST_VOLUNTEERS)
+            train_w, train_a = built["windows"][~is_test], built["activities"][~is_test]
+            test_w, test_a = built["windows"][is_test], built["activities"][is_test]
+        tests = {"built": (test_w, test_a), "official": (official, official_y)}
+        for task in ("har6", "har2"):
+            train = har.HARDataset(train_w, train_a, task)
+            t0 = time.time()
+            runs = [train_and_score(task, train, tests, args, seed) for seed in range(args.seeds)]
+            built_acc = np.array([r["built"] for r in runs])
+            official_acc = np.array([r["official"] for r in runs])
+            gap = built_acc - official_acc
+            print(f"  {name}, {task} ({len(train)} training windows): built {built_acc.mean():.2f}  "
+                  f"official {official_acc.mean():.2f}  gap {gap.mean():+.2f} "
+                  f"(per seed {', '.join(f'{g:+.2f}' for g in gap)})  [{time.time() - t0:.0f} s]")
     return 0
 
 

@@ -27,9 +27,16 @@ class UsageError(Exception):
     """Bad input found by the CLI itself (exit status 2)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (the full usage of ``train`` is dozens of lines)."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="str-rnn", formatter_class=fmt,
         description="Train and inspect recurrent networks whose ranks are learned with Soft Threshold "
                     "Reparameterization (STR).",
@@ -68,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", choices=("best", "final", "compact"), default="best",
                    help="which saved model (default: best, i.e. the selected epoch)")
     e.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default: 500)")
+    e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
     s = sub.add_parser("summary", formatter_class=fmt, help="per-matrix rank table, size and FLOPs of a run",
                        description="Print a run's per-matrix ranks, effective parameters, size and FLOPs, "
@@ -92,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "into a results CSV.",
                        epilog="example:\n  str-rnn sweep experiments/har2_rank.json --workers 2")
     w.add_argument("config", metavar="CONFIG", help="sweep configuration file")
-    w.add_argument("--workers", type=int, default=1, help="runs in parallel (default: 1)")
+    w.add_argument("--workers", type=int, default=None,
+                   help="runs in parallel (default: chosen by the sweep from the CPU count)")
     w.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
     pl = sub.add_parser("plot", formatter_class=fmt, help="plot rank/params/FLOPs against accuracy",
@@ -182,7 +191,7 @@ def _cmd_eval(args) -> int:
     from .train import count_correct, load_splits
 
     run_dir = Path(args.run_dir)
-    config = runs.read_config(run_dir)
+    config = runs.read_config(run_dir).replace(progress=args.progress)
     if args.data:
         config = config.replace(data=args.data)
     model, meta = _saved_model(run_dir, args.model)
@@ -264,11 +273,33 @@ def _cmd_plot(args) -> int:
     return 0
 
 
-def _folder_line(path: Path) -> str:
-    if not path.exists():
-        return f"  {path}  (absent)"
-    files = sum(1 for p in path.rglob("*") if p.is_file())
-    return f"  {path}  ({files:,} files)"
+# (tasks, folder under the data home, what the loaders read there, how to get it)
+DEFAULT_DATA = (
+    ("har2 har6", "hapt", "UCI-HAR windows built from the HAPT recordings", "str-rnn data hapt"),
+    ("kws12 kws35", "synth_kws", "synthetic Speech-Commands-layout corpus", "str-rnn data synth-kws"),
+    ("fsdd", "fsdd", "Free Spoken Digit Dataset recordings",
+     "git clone https://github.com/Jakobovski/free-spoken-digit-dataset {folder}"),
+)
+
+
+def _file_count(path: Path) -> int:
+    return sum(1 for p in path.rglob("*") if p.is_file())
+
+
+def _list_data(home: Path) -> None:
+    print(f"data home: {home.resolve()}  (set $STR_RNN_DATA to move it; --data DIR reads any other folder)")
+    for tasks, name, what, how in DEFAULT_DATA:
+        folder = home / name
+        if folder.is_dir():
+            state = f"present, {_file_count(folder):,} files"
+        else:
+            state = f"absent; get it with: {how.format(folder=folder)}"
+        print(f"  {tasks:<12} {folder}  {what} ({state})")
+    known = {name for _, name, _, _ in DEFAULT_DATA}
+    others = sorted(p for p in home.iterdir() if p.name not in known and not p.name.startswith(".")) \
+        if home.is_dir() else []
+    for p in others:
+        print(f"  {'':<12} {p}  ({_file_count(p):,} files)" if p.is_dir() else f"  {'':<12} {p}")
 
 
 def _cmd_data(args) -> int:
@@ -276,13 +307,7 @@ def _cmd_data(args) -> int:
 
     home = data_home()
     if args.action == "list":
-        print(f"data home: {home.resolve()}  (set $STR_RNN_DATA to move it)")
-        entries = sorted(p for p in home.iterdir() if not p.name.startswith(".")) if home.is_dir() else []
-        if not entries:
-            print("  (empty: `str-rnn data hapt` and `str-rnn data synth-kws` build the default datasets; "
-                  "real datasets go into folders here, e.g. fsdd/, speech_commands_v0.01/)")
-        for p in entries:
-            print(_folder_line(p))
+        _list_data(home)
         return 0
     if args.action == "hapt":
         if args.speakers is not None:

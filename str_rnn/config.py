@@ -44,8 +44,7 @@ class DataConfig:
 
     task: str = _f("har2", "task: HAR-2/HAR-6 activity recognition, 12/35-class keyword spotting, "
                    "spoken digits", choices=TASKS)
-    data: str | None = _f(None, "dataset folder (default: the task's embedded default under the data "
-                          "home, see `str-rnn data list`)")
+    data: str | None = _f(None, "dataset folder")
     data_options: dict = _f({}, "extra options for str_rnn.datasets.load, KEY=VALUE with VALUE "
                             "parsed as JSON (repeatable)")
 
@@ -55,7 +54,7 @@ class ModelConfig:
     """The network: cell, size, how its matrices are parameterised."""
 
     cell: str = _f("fastgrnn", "recurrent cell", choices=CELL_NAMES)
-    hidden_size: int | None = _f(None, "hidden units per layer (default: 100 for speech tasks, 80 for HAR)")
+    hidden_size: int | None = _f(None, "hidden units per layer")
     num_layers: int = _f(1, "stacked recurrent layers")
     mode: str = _f("str", "matrix parameterisation: str = learned rank (STR on the spectrum), fixed = "
                    "fixed rank W1 W2, dense, sparse = element-wise STR", choices=MODES)
@@ -79,14 +78,13 @@ class OptimConfig:
     momentum: float = _f(0.9, "SGD momentum")
     schedule: str = _f("step", "learning-rate schedule: step = x lr_gamma at lr_steps (FastGRNN), "
                        "cosine, none", choices=("step", "cosine", "none"))
-    lr_steps: list[int] | None = _f(None, "epochs after which schedule=step multiplies the lr by "
-                                    "lr_gamma (default: after 2/3 of the epochs)")
+    lr_steps: list[int] | None = _f(None, "epochs after which schedule=step multiplies the lr by lr_gamma")
     lr_gamma: float = _f(0.1, "step schedule factor")
     weight_decay: float = _f(0.0, "decoupled weight decay on every weight (not sigma, not s)")
     spectrum_decay: float = _f(0.0, "decoupled decay lambda on sigma of learned-rank matrices (drives ranks "
                                "down; see spectrum_penalty)")
     threshold_decay: float | None = _f(None, "decoupled decay on the threshold parameters s, pulling s "
-                                       "towards threshold_target (default: spectrum_decay)")
+                                       "towards threshold_target")
     spectrum_penalty: str = _f("l2", "how spectrum_decay acts on sigma each step: l2 = sigma *= 1 - lr*lambda "
                                "(STR's weight decay, never reaches 0 by itself); l1 = |sigma| -= lr*lambda "
                                "clipped at 0 (the proximal step of the nuclear norm: entries reach 0 and "
@@ -247,12 +245,7 @@ class TrainConfig:
             ValueError: not valid JSON, not an object, or a bad key (named, with the file).
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config file {path}: not valid JSON ({e})") from None
+        d = read_json(path)
         try:
             return cls.from_dict(d)
         except ValueError as e:
@@ -306,6 +299,22 @@ class TrainConfig:
         if c["threshold_decay"] is None:
             changes["threshold_decay"] = c["spectrum_decay"]
         return self.replace(**changes)
+
+
+def read_json(path, what: str = "config file"):
+    """The parsed JSON in ``path``; errors name ``what`` and the file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: not valid JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path}: not valid JSON ({e})") from None
 
 
 def _positive(name, value):
@@ -386,8 +395,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, skip=()) -> None:
 
 def _show_default(name, default):
     if default is None:
-        return {"hidden_size": "by task", "lr_steps": "2/3 of the epochs", "threshold_decay": "spectrum_decay",
-                "data": "embedded"}.get(name, "none")
+        return {"hidden_size": "100 for speech tasks, 80 for HAR", "lr_steps": "after 2/3 of the epochs",
+                "threshold_decay": "spectrum_decay",
+                "data": "the task's default under the data home, see `str-rnn data list`"}.get(name, "none")
     return default
 
 

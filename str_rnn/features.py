@@ -210,7 +210,8 @@ def prepare_wave(wave: np.ndarray, sr: int, config: FeatureConfig) -> np.ndarray
     return wave
 
 
-def _stack_frames(waves: Sequence[np.ndarray], config: FeatureConfig) -> tuple[np.ndarray, list[int]]:
+def _stack_frames(waves: Sequence[np.ndarray],
+                  config: FeatureConfig) -> tuple[np.ndarray, list[int]]:
     """Frames ``[sum_i T_i, win]`` of many prepared waves, and each wave's ``T_i``.
 
     Every wave is laid out in one zero buffer with its padding (``win // 2`` in front
@@ -289,8 +290,21 @@ def source_name(source: Source) -> str:
     return source.name if hasattr(source, "read") else str(source)
 
 
-def _read_source(source: Source) -> tuple[np.ndarray, int]:
-    return source.read() if hasattr(source, "read") else read_wav(source)
+def read_source(source: Source, *, strict: bool,
+                skipped: list[tuple[str, str]]) -> tuple[np.ndarray, int] | None:
+    """``(wave, sample_rate)`` of a file or generated source, or ``None`` when unusable.
+
+    An unusable source (:class:`AudioError`, missing file) raises with ``strict=True``;
+    otherwise its ``(name, reason)`` is appended to ``skipped``.
+    """
+    try:
+        return source.read() if hasattr(source, "read") else read_wav(source)
+    except (AudioError, FileNotFoundError) as err:
+        if strict:
+            raise
+        name = source_name(source)
+        skipped.append((name, reason(err, name)))
+        return None
 
 
 @dataclass
@@ -314,15 +328,10 @@ def _chunk_features(chunk: Sequence[tuple[int, Source]], config: FeatureConfig, 
     """Read, prepare and transform one chunk of sources: all frames in one FFT."""
     waves, kept, skipped = [], [], []
     for index, source in chunk:
-        try:
-            wave, sr = _read_source(source)
-        except (AudioError, FileNotFoundError) as err:
-            if strict:
-                raise
-            skipped.append((source_name(source), reason(err, source_name(source))))
-            continue
-        waves.append(prepare_wave(wave, sr, config))
-        kept.append(index)
+        read = read_source(source, strict=strict, skipped=skipped)
+        if read is not None:
+            waves.append(prepare_wave(*read, config))
+            kept.append(index)
     frames, lengths = _stack_frames(waves, config)
     return _transform(frames, config), lengths, kept, skipped
 

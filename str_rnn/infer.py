@@ -41,10 +41,10 @@ def needs_grad(module: torch.nn.Module, x: torch.Tensor, states) -> bool:
     return any(p.requires_grad for p in parts)
 
 
-def supports(module: torch.nn.Module, x: torch.Tensor) -> bool:
-    """Whether this module's loops apply: CPU, float32/64, batch <= :data:`MAX_BATCH`,
-    every layer of a type with a loop here (dim 1 of ``x`` is the batch)."""
-    return (x.device.type == "cpu" and x.dtype in _DTYPES and x.shape[1] <= MAX_BATCH
+def supports(module: torch.nn.Module, batch: int, x: torch.Tensor) -> bool:
+    """Whether this module's loops apply to ``batch`` sequences like ``x``: CPU, float32/64,
+    ``batch <= MAX_BATCH``, and every layer of a type with a loop here."""
+    return (x.device.type == "cpu" and x.dtype in _DTYPES and batch <= MAX_BATCH
             and all(type(c) in _LOOPS for c in module.layers))
 
 

@@ -365,7 +365,26 @@ class LowRankSTR(Matrix):
         return cls(weight.shape[1], weight.shape[0], weight=weight, **kwargs)
 
 
-class SparseSTR(Matrix):
+class _Sparse(Matrix):
+    """Shared accounting of the unstructured kinds: costs its nonzeros ``nnz``."""
+
+    @property
+    def nnz(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def rank(self) -> int:
+        return int(torch.linalg.matrix_rank(self.weight.detach()))
+
+    @property
+    def effective_params(self) -> int:
+        return self.nnz
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, nnz={self.nnz}/{self.in_features * self.out_features}"
+
+
+class SparseSTR(_Sparse):
     """Element-wise STR on a dense matrix: ``M = S_g(W, s)`` (unstructured sparsity)."""
 
     def __init__(self, in_features: int, out_features: int, *, g: str = "exp", s_init: float = -10.0,
@@ -388,26 +407,15 @@ class SparseSTR(Matrix):
     def nnz(self) -> int:
         return int((self.weight != 0).sum())
 
-    @property
-    def rank(self) -> int:
-        return int(torch.linalg.matrix_rank(self.weight.detach()))
-
-    @property
-    def effective_params(self) -> int:
-        return self.nnz
-
     def spec(self) -> dict:
         return {**super().spec(), "g": self.threshold.g}
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, nnz={self.nnz}/{self.in_features * self.out_features}"
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, **kwargs) -> "SparseSTR":
         return cls(weight.shape[1], weight.shape[0], weight=weight, **kwargs)
 
 
-class FixedSparse(Matrix):
+class FixedSparse(_Sparse):
     """A matrix whose nonzeros sit at fixed positions: ``M[indices[0], indices[1]] = values``.
 
     The compacted form of :class:`SparseSTR` (and of a :class:`LowRankSTR` pruned to rank 0,
@@ -450,19 +458,8 @@ class FixedSparse(Matrix):
         dense = self.values.new_zeros(self.out_features, self.in_features)
         return dense.index_put((self.indices[0], self.indices[1]), self.values)
 
-    @property
-    def rank(self) -> int:
-        return int(torch.linalg.matrix_rank(self.weight.detach()))
-
-    @property
-    def effective_params(self) -> int:
-        return self.nnz
-
     def spec(self) -> dict:
         return {**super().spec(), "nnz": self.nnz}
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, nnz={self.nnz}/{self.in_features * self.out_features}"
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor) -> "FixedSparse":

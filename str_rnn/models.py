@@ -18,6 +18,10 @@ class SequenceClassifier(nn.Module):
         rnn: the recurrent layer (``batch_first=True``).
         num_classes: outputs of the linear head.
         mean, std: per-feature statistics ``[input_size]`` (default 0 and 1).
+
+    Raises:
+        ValueError: ``rnn`` is not batch-first, ``num_classes < 2``, or ``mean``/``std``
+            are not ``[input_size]`` (finite, ``std > 0``).
     """
 
     def __init__(self, rnn: RNN, num_classes: int, *, mean: torch.Tensor | None = None,
@@ -30,8 +34,16 @@ class SequenceClassifier(nn.Module):
         self.rnn = rnn
         self.head = nn.Linear(rnn.hidden_size, num_classes)
         f = rnn.input_size
-        self.register_buffer("mean", torch.zeros(f) if mean is None else torch.as_tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.ones(f) if std is None else torch.as_tensor(std, dtype=torch.float32))
+        mean = torch.zeros(f) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.ones(f) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        # checked here: a wrong shape would broadcast silently or fail far away in forward
+        for name, value in (("mean", mean), ("std", std)):
+            if tuple(value.shape) != (f,):
+                raise ValueError(f"{name} has shape {tuple(value.shape)}; expected (input_size,) = ({f},)")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError(f"mean must be finite and std positive and finite; got std min {float(std.min()):.3g}")
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """``x [B, T, F]``, optional true ``lengths [B]`` -> logits ``[B, num_classes]``."""

@@ -168,8 +168,7 @@ class RNN(nn.Module):
             lengths = _check_lengths(lengths, batch, steps)
         states = self._initial_states(state, batch, x)
         if self._use_fused(batch, steps):
-            x, finals = self._forward_fused(x.transpose(0, 1), states, lengths)
-            x = x.transpose(0, 1)
+            x, finals = self._forward_fused(x, states, lengths)
         else:
             finals = []
             for cell, s in zip(self.layers, states):
@@ -184,33 +183,38 @@ class RNN(nn.Module):
         return self.fused and batch > 0 and steps > 0 and all(_fused.supports(c) for c in self.layers)
 
     def _forward_fused(self, x: torch.Tensor, states, lengths):
-        """All layers over time-major ``x [T, B, F]``; returns ``(outputs [T, B, H], finals)``.
+        """All layers over batch-first ``x [B, T, F]``; returns ``(outputs [B, T, H], finals)``.
 
         Sequences shorter than ``T`` run to the longest length only; their outputs past
-        their own end are zero and their final state is read at their last step.
+        their own end are zero and their final state is read at their last step. With
+        gradients the layers run feature-major (``[T, F, B]``, see :mod:`str_rnn.fused`);
+        without, small CPU batches take :mod:`str_rnn.infer` (time-major ``[T, B, F]``).
         """
-        steps = x.shape[0]
-        last = mask = None
+        steps = x.shape[1]
+        last = keep = None
         run = steps
         if lengths is not None and bool((lengths < steps).any()):
             run = int(lengths.max())
             last = (lengths - 1).to(x.device)
-            keep = torch.arange(run).unsqueeze(1) < lengths.unsqueeze(0)
-            mask = keep.to(device=x.device, dtype=x.dtype).unsqueeze(-1)  # [run, B, 1]
-            x = x[:run]
-        infer = not _infer.needs_grad(self, x, states) and _infer.supports(self, x)
+            keep = (torch.arange(run).unsqueeze(1) < lengths.unsqueeze(0)).to(device=x.device, dtype=x.dtype)
+            x = x[:, :run]
         finals = []
-        for cell, s in zip(self.layers, states):
-            wx = cell.W(x)
-            if infer:
-                x, s = _infer.scan(cell, wx, s, last)
-            else:
-                x, s = _fused.fused_scan(cell, wx, s, last)
-            if mask is not None:
-                x = x * mask
-            finals.append(s)
+        if not _infer.needs_grad(self, x, states) and _infer.supports(self, x.shape[0], x):
+            x = x.transpose(0, 1)  # [T, B, F]
+            for cell, s in zip(self.layers, states):
+                x, s = _infer.scan(cell, cell.W(x), s, last)
+                x = x * keep.unsqueeze(-1) if keep is not None else x
+                finals.append(s)
+            x = x.transpose(0, 1)
+        else:
+            x = x.permute(1, 2, 0)  # [T, F, B]
+            for cell, s in zip(self.layers, states):
+                x, s = _fused.fused_scan(cell, _fused.project(cell.W, x), s, last)
+                x = x * keep.unsqueeze(1) if keep is not None else x
+                finals.append(s)
+            x = x.permute(2, 0, 1)
         if run < steps:
-            x = F.pad(x, (0, 0, 0, 0, 0, steps - run))
+            x = F.pad(x, (0, 0, 0, steps - run))
         return x, finals
 
     def step(self, x_t: torch.Tensor, state=None):

@@ -18,6 +18,18 @@ Decay is applied outside the optimiser's normalisation (as AdamW does): an L2 te
 Adam is divided by Adam's running gradient scale, which made s move at the same speed
 for every λ.
 
+How ranks fall, and the two documented ways to push harder than STR's recipe:
+
+* STR's decay pulls ``s`` towards 0, so with ``g = exp`` the threshold ``exp(s)`` rises
+  from ``exp(s_init)`` but can never pass ``exp(0) = 1`` (``sigmoid``: 0.5); singular
+  values the loss keeps above 1 are never pruned. ``threshold_target = t`` pulls ``s``
+  towards ``t`` instead, so the threshold can grow to ``exp(t)``.
+* ``spectrum_penalty = "l1"`` shrinks ``|σ|`` by ``lr · λ`` per step (the proximal step of
+  the nuclear norm when ``A``, ``B`` are orthonormal): entries the loss does not defend
+  reach 0, under any threshold, in finite time, where the multiplicative ``l2`` decay
+  only approaches 0. With ``threshold_decay = 0`` this prunes under the fixed small
+  threshold ``g(s_init)`` alone.
+
 Data enter through :func:`load_splits` (``str_rnn.datasets.load``); pass ``datasets=`` to
 :func:`train` (or replace ``str_rnn.train.load_splits``) to train on any torch
 ``Dataset`` of ``(x [T, F], y)`` items with a ``.classes`` list.
@@ -25,7 +37,8 @@ Data enter through :func:`load_splits` (``str_rnn.datasets.load``); pass ``datas
 Distributed: under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DDP (gloo on
 CPU, NCCL on GPU), each process reads a ``DistributedSampler`` shard of every global batch
 (``batch_size / world_size`` items), and only rank 0 writes files. Gradients are averaged,
-so every rank holds the same parameters and thresholds.
+so every rank holds the same parameters and thresholds. As with any ``DistributedSampler``,
+an epoch repeats a few items when the training split is not a multiple of the process count.
 """
 from __future__ import annotations
 
@@ -76,7 +89,8 @@ def load_splits(config: TrainConfig, splits=("train", "val", "test")) -> dict:
     """
     from .datasets import load
 
-    return {s: load(config.task, s, config.data.data, **config.data_options) for s in splits}
+    options = {"progress": config.progress, **config.data_options}
+    return {s: load(config.task, s, config.data.data, **options) for s in splits}
 
 
 def split_statistics(dataset) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -372,6 +386,7 @@ class _Trainer:
         self.scheduler.load_state_dict(ck["scheduler"])
         _set_rng_state(ck["rng"])
         self.epoch, self.steps, self.rows, self.best = ck["epoch"], ck["steps"], ck["rows"], ck["best"]
+        self.saved_epoch = self.epoch
         if self.dist.main:
             runs.write_metrics(self.run_dir, self.rows)  # drop rows of an epoch cut short
 
@@ -454,6 +469,7 @@ class _Trainer:
     def fit(self) -> dict:
         c, dist = self.config, self.dist
         show = c.progress and dist.main
+        self.saved_epoch = self.epoch
         epochs_bar = tqdm(total=c.epochs, initial=self.epoch, desc="epochs", disable=not show, file=sys.stderr)
         try:
             while self.epoch < c.epochs:
@@ -473,16 +489,18 @@ class _Trainer:
                 if dist.main:
                     runs.write_metrics(self.run_dir, self.rows)
                     runs.save_checkpoint(self.run_dir, self._checkpoint())
+                self.saved_epoch = self.epoch
                 epochs_bar.update(1)
                 if show:
-                    epochs_bar.write(_epoch_line(row, c.epochs))
+                    epochs_bar.write(_epoch_line(row, c.epochs), file=sys.stderr)
+            epochs_bar.close()
+            return self._finish()
         except KeyboardInterrupt:
             raise TrainingInterrupted(
-                f"interrupted during epoch {self.epoch + 1}; the checkpoint in {self.run_dir} holds epoch "
-                f"{self.epoch}; continue with: str-rnn train --resume {self.run_dir}") from None
+                f"interrupted; the checkpoint in {self.run_dir} holds epoch {self.saved_epoch} of {c.epochs}; "
+                f"continue with: str-rnn train --resume {self.run_dir}") from None
         finally:
             epochs_bar.close()
-        return self._finish()
 
     def _finish(self) -> dict:
         c = self.config

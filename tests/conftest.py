@@ -40,3 +40,18 @@ def prune_to_rank():
         return m
 
     return prune
+
+
+@pytest.fixture(params=["reference", "fused", "fused_nograd", "infer"])
+def rnn_path(request):
+    """The time loop an ``RNN`` takes: ``(fused flag, grad context, batch size)``.
+
+    ``reference`` is the plain autograd loop (``fused=False``); ``fused`` the hand-written
+    backward (gradients on); ``fused_nograd`` its kernels under ``no_grad`` (batch above
+    :data:`str_rnn.infer.MAX_BATCH`); ``infer`` the lean NumPy loop (small batch, no grad).
+    """
+    from str_rnn.infer import MAX_BATCH
+
+    fused, grad, batch = {"reference": (False, True, 3), "fused": (True, True, 3),
+                          "fused_nograd": (True, False, MAX_BATCH + 2), "infer": (True, False, 3)}[request.param]
+    return fused, (torch.enable_grad if grad else torch.no_grad), batch

@@ -95,17 +95,19 @@ def test_cell_step_matches_equations(cell, matrix):
 
 @pytest.mark.parametrize("matrix", ["str", "fixed", "dense"])
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_rnn_matches_equations_over_steps(cell, matrix):
-    """Two stacked layers over 6 steps against the reference loop, batch_first either way."""
-    rnn = RNN(cell, 4, 5, num_layers=2, **MATRICES[matrix])
+def test_rnn_matches_equations_over_steps(cell, matrix, rnn_path):
+    """Two stacked layers over 6 steps against the equations, along every time loop."""
+    fused, context, batch = rnn_path
+    rnn = RNN(cell, 4, 5, num_layers=2, fused=fused, **MATRICES[matrix])
     for layer in rnn.layers:
         _randomise(layer)
-    x = torch.randn(2, 6, 4)
-    with torch.no_grad():
+    x = torch.randn(batch, 6, 4)
+    with context():
         out, h_n = rnn(x)
+    with torch.no_grad():
         inputs, finals = x, []
         for layer in rnn.layers:
-            state, outs = layer.init_state(2), []
+            state, outs = layer.init_state(batch), []
             for t in range(6):
                 state = REFERENCES[cell](layer, inputs[:, t], state)
                 outs.append(state[0] if isinstance(state, tuple) else state)

@@ -127,7 +127,7 @@ def test_nonfinite_stop_exits_1(tmp_path, capsys, tiny_data, monkeypatch):
 def test_bad_train_arguments_exit_2_and_write_nothing(tmp_path, capsys, tiny_data, argv, message):
     code, _, err = run(capsys, "train", "--out", tmp_path / "r", *TINY, *argv)
     assert code == 2
-    assert message in err and len(err.strip().splitlines()) <= 2  # argparse adds a usage line
+    assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
 
 
@@ -171,8 +171,12 @@ def test_data_list(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("STR_RNN_DATA", str(tmp_path))
     (tmp_path / "fsdd").mkdir()
     (tmp_path / "fsdd" / "a.wav").write_bytes(b"")
+    (tmp_path / "speech_commands_v0.01").mkdir()
     code, out, _ = run(capsys, "data", "list")
-    assert code == 0 and str(tmp_path.resolve()) in out and "fsdd" in out and "1 files" in out
+    assert code == 0 and str(tmp_path.resolve()) in out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "present, 1 files" in lines["fsdd"] and "absent; get it with: str-rnn data hapt" in lines["har2"]
+    assert "speech_commands_v0.01" in out
 
 
 def test_sweep_and_plot_name_missing_inputs(tmp_path, capsys):

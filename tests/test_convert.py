@@ -201,6 +201,47 @@ def test_save_load_compact_classifier_in_a_fresh_process(tmp_path, prune_to_rank
         torch.testing.assert_close(loaded, logits, atol=1e-6, rtol=1e-6)
 
 
+def test_classifier_standardises_and_reads_the_last_real_step():
+    mean, std = torch.randn(3), torch.rand(3) + 0.5
+    model = SequenceClassifier(RNN("fastgrnn", 3, 4), 2, mean=mean, std=std)
+    x = torch.randn(2, 6, 3)
+    with torch.no_grad():
+        logits = model(x, lengths=torch.tensor([6, 2]))
+        z = (x - mean) / std
+        for b, n in enumerate([6, 2]):
+            _, h_n = model.rnn(z[b:b + 1, :n])
+            torch.testing.assert_close(logits[b:b + 1], model.head(h_n[-1]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"mean": torch.zeros(4)}, r"mean has shape \(4,\); expected \(input_size,\) = \(3,\)"),
+    ({"std": torch.ones(3, 1)}, r"std has shape \(3, 1\)"),
+    ({"std": torch.tensor([1.0, 0.0, 1.0])}, r"std positive"),
+    ({"num_classes": 1}, r"num_classes=1"),
+])
+def test_classifier_bad_arguments(kwargs, match):
+    kwargs = {"num_classes": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        SequenceClassifier(RNN("gru", 3, 4), kwargs.pop("num_classes"), **kwargs)
+    with pytest.raises(ValueError, match="batch_first=True"):
+        SequenceClassifier(RNN("gru", 3, 4, batch_first=False), 2)
+
+
+def test_save_load_compact_sparse_model(tmp_path):
+    model = SequenceClassifier(RNN("fastgrnn", 6, 8, matrix="sparse"), 3)
+    with torch.no_grad():
+        model.rnn.layers[0].U.threshold.s.fill_(-2.5)
+    small = compact(model)
+    assert isinstance(small.rnn.layers[0].U, FixedSparse)
+    str_rnn.save(small, tmp_path)
+    loaded = str_rnn.load(tmp_path)
+    assert isinstance(loaded.rnn.layers[0].U, FixedSparse)
+    torch.testing.assert_close(loaded.rnn.layers[0].U.indices, small.rnn.layers[0].U.indices, rtol=0, atol=0)
+    x = torch.randn(2, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-6, rtol=1e-6)
+
+
 def test_save_load_in_process_uncompacted(tmp_path):
     model = SequenceClassifier(RNN("gru", 3, 4, num_layers=2, matrix="str", rank_u=3), 2)
     str_rnn.save(model, tmp_path)

@@ -274,7 +274,8 @@ def test_corrupt_cache_file_is_rebuilt(clips, tmp_path):
 def ragged_dataset(seed: int = 0) -> FeatureDataset:
     rng = np.random.default_rng(seed)
     lengths = [3, 7, 1, 5]
-    data = (rng.standard_normal((sum(lengths), 4)) * [1, 2, 3, 0] + [5, -1, 0, 2]).astype(np.float32)
+    data = rng.standard_normal((sum(lengths), 4)) * [1, 2, 3, 0] + [5, -1, 0, 2]
+    data = data.astype(np.float32)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     return FeatureDataset(data, offsets, [0, 1, 0, 1], ["a", "b"], list("wxyz"))
 

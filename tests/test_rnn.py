@@ -59,35 +59,43 @@ def test_initial_state_is_used(cell, batch_first):
 
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_lengths_equal_running_each_sequence_alone(cell, batch_first):
-    rnn = RNN(cell, F, H, num_layers=2, batch_first=batch_first)
-    x = torch.randn(B, T, F)
-    lengths = torch.tensor([T, 2, 5])
+def test_lengths_equal_running_each_sequence_alone(cell, batch_first, rnn_path):
+    fused, context, batch = rnn_path
+    rnn = RNN(cell, F, H, num_layers=2, batch_first=batch_first, fused=fused)
+    x = torch.randn(batch, T, F)
+    lengths = torch.randint(1, T + 1, (batch,))
+    lengths[:3] = torch.tensor([T - 1, 2, 5])  # batch 3: the last padded step is never run
     xin = x if batch_first else x.transpose(0, 1)
-    out, h_n = rnn(xin, lengths=lengths)
-    out_bf = out if batch_first else out.transpose(0, 1)
-    for b, n in enumerate(lengths.tolist()):
-        alone = x[b:b + 1, :n]
-        out_b, h_b = rnn(alone if batch_first else alone.transpose(0, 1))
-        out_b = out_b if batch_first else out_b.transpose(0, 1)
-        torch.testing.assert_close(out_bf[b:b + 1, :n], out_b, atol=1e-5, rtol=1e-5)
-        if isinstance(h_n, tuple):
-            _assert_state_close(tuple(s[:, b:b + 1] for s in h_n), h_b)
-        else:
-            _assert_state_close(h_n[:, b:b + 1], h_b)
-        # outputs past the true length are zero
-        assert (out_bf[b, n:] == 0).all()
-    # lengths as a list or on any integer dtype mean the same
-    _assert_state_close(rnn(xin, lengths=lengths.tolist())[1], h_n)
+    with context():
+        out, h_n = rnn(xin, lengths=lengths)
+        out_bf = out if batch_first else out.transpose(0, 1)
+        assert out_bf.shape == (batch, T, H)  # padded back to the input's length
+        for b, n in enumerate(lengths.tolist()[:4]):
+            alone = x[b:b + 1, :n]
+            out_b, h_b = rnn(alone if batch_first else alone.transpose(0, 1))
+            out_b = out_b if batch_first else out_b.transpose(0, 1)
+            torch.testing.assert_close(out_bf[b:b + 1, :n], out_b, atol=1e-5, rtol=1e-5)
+            if isinstance(h_n, tuple):
+                _assert_state_close(tuple(s[:, b:b + 1] for s in h_n), h_b)
+            else:
+                _assert_state_close(h_n[:, b:b + 1], h_b)
+            # outputs past the true length are zero
+            assert (out_bf[b, n:] == 0).all()
+        # lengths as a list mean the same; full lengths mean no lengths
+        _assert_state_close(rnn(xin, lengths=lengths.tolist())[1], h_n)
+        _assert_state_close(rnn(xin, lengths=[T] * batch)[1], rnn(xin)[1])
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_packed_sequence_equals_lengths(cell):
-    rnn = RNN(cell, F, H, num_layers=2)
-    x = torch.randn(B, T, F)
-    lengths = torch.tensor([4, T, 1])
-    out, h_n = rnn(x, lengths=lengths)
-    packed_out, packed_h = rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+def test_packed_sequence_equals_lengths(cell, rnn_path):
+    fused, context, batch = rnn_path
+    rnn = RNN(cell, F, H, num_layers=2, fused=fused)
+    x = torch.randn(batch, T, F)
+    lengths = torch.randint(1, T + 1, (batch,))
+    lengths[:3] = torch.tensor([4, T, 1])
+    with context():
+        out, h_n = rnn(x, lengths=lengths)
+        packed_out, packed_h = rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
     assert isinstance(packed_out, nn.utils.rnn.PackedSequence)
     padded, out_lengths = pad_packed_sequence(packed_out, batch_first=True, total_length=T)
     assert out_lengths.tolist() == lengths.tolist()
@@ -99,11 +107,13 @@ def test_packed_sequence_equals_lengths(cell):
 
 @pytest.mark.parametrize("matrix", ["str", "fixed", "dense", "sparse"])
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_step_streaming_equals_forward(cell, matrix):
-    rnn = RNN(cell, F, H, num_layers=2, matrix=matrix, rank_w=2, rank_u=3)
-    x = torch.randn(B, T, F)
-    with torch.no_grad():
+def test_step_streaming_equals_forward(cell, matrix, rnn_path):
+    fused, context, batch = rnn_path
+    rnn = RNN(cell, F, H, num_layers=2, matrix=matrix, rank_w=2, rank_u=3, fused=fused)
+    x = torch.randn(batch, T, F)
+    with context():
         out, h_n = rnn(x)
+    with torch.no_grad():
         state, outs = None, []
         for t in range(T):
             y, state = rnn.step(x[:, t], state)
@@ -114,20 +124,30 @@ def test_step_streaming_equals_forward(cell, matrix):
 
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_gradients_reach_every_factor(cell, prune_to_rank):
-    rnn = RNN(cell, F, H, num_layers=2)
-    prune_to_rank(rnn.layers[0].U, 3)  # a partially pruned matrix takes the factored path
-    out, h_n = rnn(torch.randn(B, T, F), lengths=torch.tensor([T, 3, 5]))
-    (out.pow(2).sum() + _h(h_n).sum()).backward()
-    for name, p in rnn.named_parameters():
-        assert p.grad is not None, name
-        assert torch.isfinite(p.grad).all(), name
-        if name.endswith((".A", ".B", ".sigma", ".s")):
-            assert p.grad.abs().sum() > 0, name
-    # pruned directions get no loss gradient (no straight-through)
-    u = rnn.layers[0].U
-    pruned = u.gains() == 0
-    assert pruned.any()
-    assert (u.sigma.grad[pruned] == 0).all()
+    """Gradients of the fused loop reach A, σ, B and s, and equal the reference loop's."""
+    grads = {}
+    x = torch.randn(B, T, F)
+    h0 = torch.randn(2, B, H)
+    state = (h0, torch.randn(2, B, H)) if cell == "lstm" else h0
+    for fused in (True, False):
+        torch.manual_seed(1)
+        rnn = RNN(cell, F, H, num_layers=2, fused=fused)
+        prune_to_rank(rnn.layers[0].U, 3)  # a partially pruned matrix takes the factored path
+        out, h_n = rnn(x, state, lengths=torch.tensor([T, 3, 5]))
+        (out.pow(2).sum() + _h(h_n).sum()).backward()
+        for name, p in rnn.named_parameters():
+            assert p.grad is not None, name
+            assert torch.isfinite(p.grad).all(), name
+            if name.endswith((".A", ".B", ".sigma", ".s")):
+                assert p.grad.abs().sum() > 0, name
+        # pruned directions get no loss gradient (no straight-through)
+        u = rnn.layers[0].U
+        pruned = u.gains() == 0
+        assert pruned.any()
+        assert (u.sigma.grad[pruned] == 0).all()
+        grads[fused] = {name: p.grad for name, p in rnn.named_parameters()}
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, atol=1e-5, rtol=1e-4, msg=name)
 
 
 # -- bad input -----------------------------------------------------------------------------

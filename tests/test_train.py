@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,6 @@ from str_rnn import runs
 from str_rnn import train as engine
 from str_rnn.config import TrainConfig
 from str_rnn.train import NonFiniteError, TrainingInterrupted, train
-
-TESTS = Path(__file__).resolve().parent
-
 
 class Tiny(torch.utils.data.Dataset):
     """``n`` sequences ``[steps, 3]`` whose class shifts the mean of the first feature."""
@@ -312,16 +308,15 @@ def test_budget_selection_uses_validation_within_the_budget(tmp_path):
 
 # -- distributed ----------------------------------------------------------------------------------
 
-DDP_SCRIPT = """
-import json, sys
-import torch
-from test_train import tiny_config, tiny_splits
-from str_rnn.train import train
-torch.set_num_threads(1)
-row = train(tiny_config(epochs=1, batch_size=8, spectrum_decay=2.0), sys.argv[1],
-            datasets=tiny_splits(n_train=48))
-json.dump(row, open(sys.argv[2], "w"))
-"""
+DDP_RUN = dict(epochs=1, batch_size=8, spectrum_decay=2.0)
+
+
+def _ddp_worker(rank: int, port: int, run_dir: str, out: str) -> None:
+    """One process of a 2-process group, set up through the environment as torchrun does."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    row = train(tiny_config(**DDP_RUN), run_dir, datasets=tiny_splits(n_train=48))
+    Path(out).write_text(json.dumps(row))
 
 
 def _free_port() -> int:
@@ -331,22 +326,20 @@ def _free_port() -> int:
 
 
 def test_two_process_ddp_equals_single_process(tmp_path):
-    pytest.importorskip("torch.distributed")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "ddp"), str(tmp_path / f"row{r}.json")],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+    # first the single-process run: it also imports what the optimiser loads lazily (seconds)
+    single = train(tiny_config(**DDP_RUN), tmp_path / "single", datasets=tiny_splits(n_train=48))
+    # fork: the children inherit the imported modules (a fresh interpreter takes seconds to import torch)
+    ctx = multiprocessing.get_context("fork")
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, port, str(tmp_path / "ddp"), str(tmp_path / f"row{r}.json")))
              for r in range(2)]
     for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-2000:]
-    single = train(tiny_config(epochs=1, batch_size=8, spectrum_decay=2.0), tmp_path / "single",
-                   datasets=tiny_splits(n_train=48))
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0, f"a DDP process exited with {p.exitcode}"
     rows = [json.loads((tmp_path / f"row{r}.json").read_text()) for r in range(2)]
     thresholds = [{k: v for k, v in r.items() if k.startswith("final_threshold:")} for r in rows]
     assert thresholds[0] == thresholds[1]  # every rank holds the same thresholds

@@ -121,8 +121,9 @@ def _read_soundfile(path: Path) -> tuple[np.ndarray, int, int]:
 
     try:
         samples, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
-        raise AudioError(f"{path}: not a readable audio file ({err}), expected a mono WAV") from None
+    except (sf.SoundFileError, RuntimeError) as err:  # libsndfile could not parse it
+        raise AudioError(f"{path}: not a readable audio file ({err}), "
+                         "expected a mono WAV") from None
     channels = samples.shape[1]
     return (samples[:, 0] if channels == 1 else samples), int(sample_rate), channels
 

@@ -35,6 +35,7 @@ Validation split (there is no official one); ``train`` then excludes it:
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -156,8 +157,10 @@ def archive_dir(root: str | os.PathLike) -> Path:
 def read_table(path: Path, columns: int, dtype=np.float32) -> np.ndarray:
     """Read a whitespace-separated text table that must have ``columns`` numbers a row.
 
-    About 20x faster than ``np.loadtxt``: the whole file is split once and converted by
-    NumPy in C; rows are checked by counting tokens per line.
+    NumPy's C parser (``np.loadtxt``, NumPy >= 1.23) reads well-formed files; it beat
+    splitting the text in Python and converting the tokens (0.18 s against 0.30 s for a
+    2,400-row file). Only when it fails is the file scanned line by line, to name the
+    offending line.
 
     Returns:
         ``[rows, columns]`` array of ``dtype``.
@@ -169,23 +172,30 @@ def read_table(path: Path, columns: int, dtype=np.float32) -> np.ndarray:
     """
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (expected a table of {columns} values a row)")
-    lines = path.read_text().splitlines()
-    rows = [(no, line.split()) for no, line in enumerate(lines, 1) if line.strip()]
-    if not rows:
-        raise ValueError(f"{path} has no rows, expected rows of {columns} values")
-    for no, tokens in rows:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": handled below
+            table = np.loadtxt(path, dtype=dtype, ndmin=2)
+        if table.shape[1:] == (columns,) and len(table):
+            return table
+    except ValueError:
+        pass
+    rows = 0
+    for no, line in enumerate(path.read_text().splitlines(), 1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        rows += 1
         if len(tokens) != columns:
             raise ValueError(f"{path}, line {no}: {len(tokens)} values, expected {columns}")
-    try:
-        return np.array([t for _, tokens in rows for t in tokens], dtype=dtype).reshape(len(rows), columns)
-    except ValueError:
-        for no, tokens in rows:  # slow path, only to name the bad line
-            for t in tokens:
-                try:
-                    float(t)
-                except ValueError:
-                    raise ValueError(f"{path}, line {no}: {t!r} is not a number") from None
-        raise
+        for t in tokens:
+            try:
+                float(t)
+            except ValueError:
+                raise ValueError(f"{path}, line {no}: {t!r} is not a number") from None
+    if not rows:
+        raise ValueError(f"{path} has no rows, expected rows of {columns} values")
+    raise ValueError(f"{path} could not be read as a table of {columns} numbers a row")
 
 
 def read_split(root: str | os.PathLike, split: str, *, progress: bool = True
@@ -223,18 +233,21 @@ def read_split(root: str | os.PathLike, split: str, *, progress: bool = True
 
 # ----------------------------------------------------------------------------- splits
 
-def overlap_chains(windows: np.ndarray, rtol: float = 1e-3, atol: float = 1e-3) -> np.ndarray:
+def overlap_chains(windows: np.ndarray, activities: np.ndarray | None = None,
+                   rtol: float = 1e-3, atol: float = 1e-3) -> np.ndarray:
     """Chain id ``[N]`` of each window: consecutive rows whose halves coincide share one.
 
     Row ``i + 1`` continues row ``i`` when ``windows[i, 64:] ≈ windows[i + 1, :64]`` on every
     channel (within ``atol + rtol·|x|``: the published copies round values to 4-5
-    significant digits); overlapping windows of one activity run are consecutive rows in
-    UCI HAR's files.
+    significant digits) and, when ``activities`` is given, both have the same label;
+    overlapping windows of one activity run are consecutive rows in UCI HAR's files.
     """
     if len(windows) == 0:
         return np.zeros(0, dtype=np.int64)
     a, b = windows[:-1, WINDOW - STEP:], windows[1:, :STEP]
     linked = (np.abs(a - b) <= atol + rtol * np.abs(b)).all(axis=(1, 2))
+    if activities is not None:
+        linked &= activities[:-1] == activities[1:]
     return np.r_[0, np.cumsum(~linked)].astype(np.int64)
 
 
@@ -250,7 +263,7 @@ def block_val_mask(windows: np.ndarray, activities: np.ndarray, fraction: float 
     """
     if not 0 < fraction < 1:
         raise ValueError(f"fraction={fraction} is not in (0, 1)")
-    chains = overlap_chains(windows)
+    chains = overlap_chains(windows, activities)
     mask = np.zeros(len(activities), dtype=bool)
     for label in np.unique(activities):
         rows = np.flatnonzero(activities == label)

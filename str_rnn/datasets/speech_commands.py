@@ -49,7 +49,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..features import (FeatureConfig, Source, cached_features, compute_features,
-                        prepare_wave, resolve_config, source_name)
+                        prepare_wave, read_source, resolve_config, source_name)
 from . import SPLITS, data_home
 from .audio import (AudioError, FeatureDataset, cache_location, read_wav, reason,
                     warn_skipped)
@@ -103,7 +103,8 @@ def which_set(filename: str, val_pct: float = 10, test_pct: float = 10) -> str:
 
 
 def resolve_root(root: str | os.PathLike | None = None, progress: bool = True) -> Path:
-    """The corpus folder; ``None`` means ``data_home() / "synth_kws"``, generated if absent.
+    """The corpus folder; ``None`` means ``data_home() / "synth_kws"``, generated with the
+    generator's default arguments unless a complete corpus is already there.
 
     Raises:
         FileNotFoundError: ``root`` is missing or holds no word folders, or the default
@@ -121,7 +122,8 @@ def resolve_root(root: str | os.PathLike | None = None, progress: bool = True) -
                 f"str_rnn.datasets.synth_kws is not available ({err}); pass root= a Speech "
                 f"Commands folder (download: {URLS['v0.02']})"
             ) from None
-        # Returns at once when the folder holds a complete corpus with these arguments.
+        if synth_kws.is_complete(root):  # whatever arguments it was generated with
+            return root
         return synth_kws.generate(root, progress=progress)
     root = Path(root)
     if not root.is_dir():
@@ -291,7 +293,8 @@ def kws_items(task: str, split: str, root: Path, *, seed: int = 0, strict: bool 
         warnings.warn(f"{split} split of {root} has {len(pool)} non-keyword clips, fewer "
                       f"than the {n_extra} _unknown_ items the recipe asks for; using all",
                       UserWarning, stacklevel=2)
-    unknown = [(pool[i], KWS12_CLASSES.index(UNKNOWN)) for i in rng.permutation(len(pool))[:n_extra]]
+    unknown_label = KWS12_CLASSES.index(UNKNOWN)
+    unknown = [(pool[i], unknown_label) for i in rng.permutation(len(pool))[:n_extra]]
     chosen = sorted(keyword + unknown)
 
     noises = noise_files(root, strict=strict)
@@ -346,11 +349,17 @@ class AugmentedSpeechCommands(Dataset):
         config: feature recipe.
         augment: augmentation parameters.
         seed: seed of the augmentation draws.
+        lengths: frames of each item (augmentation keeps them), so samplers and
+            statistics need not compute features to learn them.
     """
 
     def __init__(self, sources: Sequence[Source], targets: Sequence[int],
                  classes: Sequence[str], noises: Sequence[np.ndarray], config: FeatureConfig,
-                 augment: Augment, seed: int = 0):
+                 augment: Augment, seed: int = 0, lengths: Sequence[int] | None = None):
+        if lengths is not None and len(lengths) != len(sources):
+            raise ValueError(f"{len(lengths)} lengths for {len(sources)} sources, "
+                             "expected one per source")
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
         self.sources = list(sources)
         self.targets = list(targets)
         self.classes = list(classes)
@@ -371,7 +380,7 @@ class AugmentedSpeechCommands(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         source = self.sources[index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        wave, sr = source.read() if hasattr(source, "read") else read_wav(source)
+        wave, sr = read_source(source, strict=True, skipped=[])
         wave = prepare_wave(wave, sr, self.config)
         max_shift = round(self.config.sample_rate * self.augment.shift_ms / 1000)
         shift = int(rng.integers(-max_shift, max_shift + 1)) if max_shift else 0
@@ -390,24 +399,20 @@ class AugmentedSpeechCommands(Dataset):
         return torch.from_numpy(features), self.targets[index]
 
 
-def _usable(sources: Sequence[Source], strict: bool, progress: bool) -> list[int]:
-    """Indices of the sources that read cleanly (one pass, as the cache pass would)."""
-    kept, skipped = [], []
+def _usable(sources: Sequence[Source], config: FeatureConfig, strict: bool,
+            progress: bool) -> tuple[list[int], list[int]]:
+    """Indices of the sources that read cleanly, and their frame counts (one reading
+    pass, as the cache pass would make; augmentation keeps lengths)."""
+    skipped: list[tuple[str, str]] = []
+    kept, frames = [], []
     for i, source in enumerate(tqdm(sources, desc="checking clips", unit="clip",
                                     disable=not progress)):
-        if hasattr(source, "read"):
+        read = read_source(source, strict=strict, skipped=skipped)
+        if read is not None:
             kept.append(i)
-            continue
-        try:
-            read_wav(source)
-        except (AudioError, FileNotFoundError) as err:
-            if strict:
-                raise
-            skipped.append((str(source), reason(err, source)))
-            continue
-        kept.append(i)
+            frames.append(config.num_frames(len(prepare_wave(*read, config))))
     warn_skipped(skipped, stacklevel=4)
-    return kept
+    return kept, frames
 
 
 def load_speech_commands(task: str, split: str, root: str | os.PathLike | None = None, *,
@@ -452,11 +457,11 @@ def load_speech_commands(task: str, split: str, root: str | os.PathLike | None =
                                           clip_seconds=config.clip_seconds or 1.0)
     if augment and split == "train":
         params = augment if isinstance(augment, Augment) else Augment()
-        kept = _usable(sources, strict, progress)
+        kept, lengths = _usable(sources, config, strict, progress)
         whole = replace(config, clip_seconds=None)  # keep noise files at full length
         noises = [prepare_wave(*_read_noise(p), whole) for p in noise_files(root)]
         return AugmentedSpeechCommands([sources[i] for i in kept], [targets[i] for i in kept],
-                                       classes, noises, config, params, seed)
+                                       classes, noises, config, params, seed, lengths)
     bundle = cached_features(sources, config, split=split, strict=strict, progress=progress,
                              workers=workers, **cache_location(task, root, cache, cache_dir))
     kept = bundle.kept.tolist()

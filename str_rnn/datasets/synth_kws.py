@@ -36,7 +36,6 @@ import io
 import json
 import math
 import os
-import re
 import shutil
 import struct
 from dataclasses import asdict, dataclass, fields
@@ -45,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "generate", "is_complete", "which_set",
+    "generate", "is_complete",
     "KEYWORDS", "OTHER_WORDS", "WORDS", "BACKGROUND_NOISES", "DEFAULT_SPEAKERS",
     "DEFAULT_TAKES", "SAMPLE_RATE", "CLIP_SAMPLES", "GENERATOR_VERSION",
 ]
@@ -77,7 +76,6 @@ _BACKGROUND_SECONDS = 60
 ACCENTS = ("en", "en-029", "en-GB-scotland", "en-GB-x-gbclan", "en-GB-x-gbcwmd",
            "en-GB-x-rp", "en-US", "en-US-nyc")
 
-_MAX_NUM_WAVS_PER_CLASS = 2**27 - 1  # Google's constant in input_data.which_set
 _MARKER = ".synth_kws"  # written first into every corpus folder this module builds
 _MANIFEST = "manifest.json"
 # espeak's 22,050 Hz -> 16 kHz is 320/441; the speaker's vocal-tract factor scales 441.
@@ -97,37 +95,13 @@ _BABBLE_WORDS = (
 
 
 # ---------------------------------------------------------------------------- splits
-def which_set(filename: str, validation_percent: float = VALIDATION_PERCENT,
-              testing_percent: float = TESTING_PERCENT) -> str:
-    """Google's Speech Commands split rule (``input_data.which_set``).
-
-    The part of the file name before ``_nohash_`` (the speaker) is hashed with SHA-1 and
-    mapped to a percentage, so all clips of a speaker land in the same split and a file
-    keeps its split when the corpus grows::
-
-        p = (int(sha1(name).hexdigest(), 16) % (2**27 - 1 + 1)) * 100 / (2**27 - 1)
-        "validation" if p < v else "testing" if p < v + t else "training"
-
-    Returns:
-        ``"validation"``, ``"testing"`` or ``"training"``.
-    """
-    name = re.sub(r"_nohash_.*$", "", os.path.basename(filename))
-    digest = hashlib.sha1(name.encode("utf-8")).hexdigest()
-    pct = (int(digest, 16) % (_MAX_NUM_WAVS_PER_CLASS + 1)) * (100.0 / _MAX_NUM_WAVS_PER_CLASS)
-    if pct < validation_percent:
-        return "validation"
-    if pct < validation_percent + testing_percent:
-        return "testing"
-    return "training"
-
-
 def _split_quota(speakers: int) -> dict[str, int]:
-    """Speakers per split: 10/10/80, at least one validation and test voice from 3 up."""
+    """Speakers per split: 80/10/10, at least one val and one test voice from 3 up."""
     n_val = round(speakers * VALIDATION_PERCENT / 100)
     n_test = round(speakers * TESTING_PERCENT / 100)
     if speakers >= 3:
         n_val, n_test = max(n_val, 1), max(n_test, 1)
-    return {"validation": n_val, "testing": n_test, "training": speakers - n_val - n_test}
+    return {"train": speakers - n_val - n_test, "val": n_val, "test": n_test}
 
 
 # ---------------------------------------------------------------------------- speakers
@@ -137,7 +111,7 @@ class Speaker:
 
     index: int
     id: str
-    split: str
+    split: str  # train | val | test
     accent: str
     variant: str  # "" = the accent's own voice
     pitch: int  # espeak 0-99
@@ -159,6 +133,8 @@ class Speaker:
 
 def _draw_speakers(n: int, seed: int, variants: list[str]) -> list[Speaker]:
     """Draw ids (by Google's hash, until each split has its quota) and voice parameters."""
+    from .speech_commands import which_set
+
     rng = np.random.default_rng([seed, 0x5EED])
     quota = _split_quota(n)
     taken = {k: 0 for k in quota}
@@ -166,7 +142,7 @@ def _draw_speakers(n: int, seed: int, variants: list[str]) -> list[Speaker]:
     seen: set[str] = set()
     while len(ids) < n:
         sid = f"{int(rng.integers(0, 2**32)):08x}"
-        split = which_set(sid)
+        split = which_set(sid, VALIDATION_PERCENT, TESTING_PERCENT)
         if sid in seen or taken[split] >= quota[split]:
             continue
         seen.add(sid)
@@ -616,7 +592,7 @@ def _build(root: Path, config: dict, workers: int | None, progress: bool) -> Non
         bar.close()
     rows.sort(key=lambda r: r["path"])
 
-    for split, fname in (("validation", "validation_list.txt"), ("testing", "testing_list.txt")):
+    for split, fname in (("val", "validation_list.txt"), ("test", "testing_list.txt")):
         lines = "".join(r["path"] + "\n" for r in rows if r["split"] == split)
         (root / fname).write_text(lines)
     _write_csv(root / "speakers.csv", [asdict(s) for s in speakers], [f.name for f in fields(Speaker)])
@@ -628,7 +604,7 @@ def _build(root: Path, config: dict, workers: int | None, progress: bool) -> Non
     content = hashlib.sha1("".join(f"{k} {v}\n" for k, v in sorted(hashes.items())).encode())
 
     splits = {}
-    for split in ("training", "validation", "testing"):
+    for split in ("train", "val", "test"):
         split_rows = [r for r in rows if r["split"] == split]
         splits[split] = {
             "speakers": sum(s.split == split for s in speakers),
@@ -640,7 +616,7 @@ def _build(root: Path, config: dict, workers: int | None, progress: bool) -> Non
         "versions": versions, "sample_rate": SAMPLE_RATE, "clip_samples": CLIP_SAMPLES,
         "keywords": list(KEYWORDS), "other_words": list(OTHER_WORDS),
         "validation_percent": VALIDATION_PERCENT, "testing_percent": TESTING_PERCENT,
-        "split_rule": "tensorflow speech_commands input_data.which_set on the speaker id",
+        "split_rule": "speech_commands.which_set (TensorFlow's _nohash_ rule) on the speaker id",
         "splits": splits, "clips": len(rows),
         "background_noise": [f"{n}.wav" for n in BACKGROUND_NOISES],
         "accents": list(ACCENTS), "variants": [""] + variants,
