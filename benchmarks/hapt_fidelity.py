@@ -62,6 +62,15 @@ def standardise(windows: np.ndarray) -> np.ndarray:
     return (z / np.where(norm > 0, norm, 1.0)).astype(np.float32)
 
 
+def worst_channel_corr(zo: np.ndarray, zb: np.ndarray) -> np.ndarray:
+    """``[r, m]``: min over channels of the correlations of standardised ``zo [9, r, 128]``
+    with ``zb [9, m, 128]`` (one matrix product per channel)."""
+    worst = zo[0] @ zb[0].T
+    for c in range(1, zo.shape[0]):
+        np.minimum(worst, zo[c] @ zb[c].T, out=worst)
+    return worst
+
+
 def best_match(official: np.ndarray, official_y: np.ndarray, built: np.ndarray, built_y: np.ndarray,
                chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """For each official window: the best "worst-channel correlation" over built windows
@@ -79,17 +88,15 @@ def best_match(official: np.ndarray, official_y: np.ndarray, built: np.ndarray, 
             continue
         for lo in range(0, len(rows), chunk):
             r = rows[lo:lo + chunk]
-            worst = None
-            for c in range(zo.shape[0]):
-                corr = zo[c, r] @ zb[c, cand].T
-                worst = corr if worst is None else np.minimum(worst, corr)
+            worst = worst_channel_corr(zo[:, r], zb[:, cand])
             j = worst.argmax(axis=1)
             score[r], index[r] = worst[np.arange(len(r)), j], cand[j]
     return score, index
 
 
 def report_match(name: str, official: np.ndarray, official_y: np.ndarray, built: np.ndarray,
-                 built_y: np.ndarray) -> float:
+                 built_y: np.ndarray) -> np.ndarray:
+    """Print figure (a) for one recipe; returns which official windows were matched."""
     score, index = best_match(official, official_y, built, built_y)
     hit = score >= THRESHOLD
     diff = np.abs(official[hit] - built[index[hit]]).max() if hit.any() else float("nan")
@@ -120,11 +127,7 @@ def placement_free(official: np.ndarray, official_y: np.ndarray, recordings, pip
             rows = np.flatnonzero(official_y == label)
             for lo in range(0, len(starts), block):
                 windows = sliding_window_view(signals, pipeline.window, axis=0)[starts[lo:lo + block]]
-                zb = standardise(windows.transpose(0, 2, 1))
-                worst = None
-                for c in range(zo.shape[0]):
-                    corr = zo[c, rows] @ zb[c].T
-                    worst = corr if worst is None else np.minimum(worst, corr)
+                worst = worst_channel_corr(zo[:, rows], standardise(windows.transpose(0, 2, 1)))
                 score[rows] = np.maximum(score[rows], worst.max(axis=1))
     return score
 
@@ -172,7 +175,7 @@ def train_and_score(task: str, train: har.HARDataset, tests: dict[str, tuple[np.
             opt.zero_grad()
             loss.backward()
             opt.step()
-    mapping = har._TASK_MAP[task]
+    mapping = har.TASK_LABELS[task]
     return {name: accuracy(model, torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)),
                            torch.as_tensor(mapping[a]))
             for name, (w, a) in tests.items()}

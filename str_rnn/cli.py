@@ -151,7 +151,8 @@ def _cmd_train(args) -> int:
     except NonFiniteError as e:
         print(f"str-rnn train: {e}", file=sys.stderr)
         return EXIT_FAILED
-    print(_result_text(row))
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary under torchrun
+        print(_result_text(row))
     return 0
 
 
@@ -173,15 +174,16 @@ def _result_text(row: dict) -> str:
 # -- eval / summary / compact ------------------------------------------------------------------
 
 def _saved_model(run_dir: Path, which: str):
-    """Load the model folder ``which`` of a run; ``best`` falls back to nothing else."""
+    """``(model, meta)`` of the saved model folder ``which`` (best, final, compact) of a run."""
     from .serialize import load
 
     runs.read_config(run_dir)  # a clear error when this is not a run directory
     folder = run_dir / which
     if not (folder / "meta.json").is_file():
-        hint = " (the run has not finished; resume it first)" if not runs.is_finished(run_dir) else ""
-        if which == "best" and runs.is_finished(run_dir):
-            hint = " (no epoch met the selection budget; use --model final)"
+        if not runs.is_finished(run_dir):
+            hint = " (the run has not finished; resume it first)"
+        else:
+            hint = " (no epoch met the selection budget; use --model final)" if which == "best" else ""
         raise FileNotFoundError(f"{folder} not found{hint}")
     meta = json.loads((folder / "meta.json").read_text())
     return load(folder), meta
@@ -338,6 +340,9 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args)
     except TrainingInterrupted as e:
         print(f"str-rnn {args.command}: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"str-rnn {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"str-rnn {args.command}: error: {e}", file=sys.stderr)

@@ -3,42 +3,43 @@ backward through time.
 
 Autograd through a Python time loop records every small operation of every step and
 replays them one by one in the backward pass; at hidden size 100 that bookkeeping, not
-arithmetic, is most of the cost. Here each layer's whole sequence is a single autograd
-node:
+arithmetic, is most of the cost. Here each layer's sequence is a single autograd node:
 
 * **forward** runs the recurrence with autograd off and writes the states and the gate
-  activations straight into preallocated buffers (``out=``), six to nine tensor
+  activations straight into preallocated buffers (``out=``), five to nine tensor
   operations a step;
-* **backward** first computes, for all steps at once, the local derivatives that do not
-  depend on the incoming gradient (large element-wise operations), then runs the only
-  truly sequential part, ``dh_{t-1} = g_{t-1} + U (dh_t ⊙ K_t) + dh_t ⊙ D_t``, in three
-  to five operations a step, and finally gets the recurrent weight gradient
-  ``dU = Σ_t dpre_t h_{t-1}ᵀ`` with one accumulating matmul per step instead of a graph
-  node per step.
+* **backward** walks back through time in chunks of :data:`CHUNK` steps: for a chunk it
+  first computes the local derivatives that do not depend on the incoming gradient
+  (element-wise operations over the whole chunk), then runs the only truly sequential
+  part, ``dh_{t-1} = g_{t-1} + U (dh_t ⊙ K_t) + dh_t ⊙ D_t``, in three to five operations
+  a step, then adds the chunk's share to the parameter gradients (``dU = Σ_t dpre_t
+  h_{t-1}ᵀ`` as one accumulating matmul a step). Chunks keep the temporaries small and
+  in cache instead of allocating (and page-faulting) sequence-sized buffers.
 
 **Layout.** Inside the kernels a step's state is a column block ``h: [H, B]`` (feature
-major) and a sequence is ``[T, H, B]``; gate pre-activations are ``[T, G·H, B]``. Then
-every gate of every step is one contiguous block, so each element-wise operation runs on
-contiguous memory (on this CPU writing to a strided slice costs 3-4x), and
-``pre = x_t + Uᵀ-chain · h`` is still a single matmul. The input projection produces
-this layout directly as a batched matmul (:func:`project`), and the outputs leave as a
-permuted view.
+major) and a sequence is ``[T, H, B]``; gate pre-activations are ``[T, G·H, B]``. Every
+gate of every step is then one contiguous block, so each element-wise operation runs on
+contiguous memory (on the benchmark CPU writing to a strided slice costs 3-4x), and
+``pre = x_t + Uᵀ h`` is still one matmul. :func:`project` produces this layout directly
+(a batched matmul) and the outputs leave as a permuted view.
 
-The recurrent matrix enters as its chain ``U.chain() = (C_1, ..., C_n)`` (row-vector
-convention ``h U = h C_1 ⋯ C_n``: the active factors of a learned-rank matrix, or one
-dense matrix), and the element-wise parameters as plain tensors (``ζ = sigmoid(zeta)``
-and so on), all computed *outside* the Function; autograd carries their gradients on to
-``A``, ``σ``, ``B``, the thresholds ``s`` and the raw parameters.
+**Parameters.** The recurrent matrix enters as its chain ``U.chain() = (C_1, ..., C_n)``
+(row-vector convention ``h U = h C_1 ⋯ C_n``: the active factors of a learned-rank matrix
+or one dense matrix), biases are folded into the input projection, and squashed scalars
+enter as tensors (``ζ = sigmoid(zeta)``), all computed by autograd *outside* the
+Functions, which therefore hand gradients on to ``A``, ``σ``, ``B``, the thresholds ``s``
+and the raw parameters without knowing about them.
+
+**tanh** is evaluated as ``2 σ(2a) - 1``: on the CPU torch's ``tanh`` costs about five
+times its ``sigmoid`` (26 µs against 5 µs for 100 x 100 on the benchmark machine). The
+factor 2 is folded into the rows of ``W``, ``U`` and the bias that feed a ``tanh``
+("primed" pre-activations ``a' = 2a``), so the kernels differentiate w.r.t. ``a'``
+(``d tanh(a) / d a' = (1 - tanh² a) / 2``) and autograd takes the factor back.
 
 **Variable lengths.** The loop runs every sequence to the longest length and reads each
 sequence's final state at its own last step (``last = lengths - 1``). Steps after a
 sequence's end only feed outputs that the caller masks to zero, so their gradient is
 exactly zero and the result equals freezing the state (the reference loop's semantics).
-
-**tanh** is evaluated as ``2 σ(2a) - 1`` in the forward loops (the factor 2 folded into
-the inputs and the recurrent matrix where possible): on the CPU, torch's ``tanh`` costs
-about five times its ``sigmoid`` (26 µs against 5 µs for 100 x 100 on the benchmark
-machine).
 """
 from __future__ import annotations
 
@@ -49,21 +50,75 @@ from torch.autograd.function import once_differentiable
 from .cells import FastGRNNCell, FastRNNCell, GRUCell, LSTMCell, RNNCell
 from .lowrank import Matrix
 
+CHUNK = 16
+"""Time steps per chunk of the backward pass."""
+
 
 # ---------------------------------------------------------------------------------------
-# shared pieces (feature-major: a step is [features, batch])
+# feature-major batched linear map (the input projection)
 # ---------------------------------------------------------------------------------------
-def project(matrix: Matrix, x: torch.Tensor) -> torch.Tensor:
-    """``M x_t`` for every step of a feature-major sequence ``x [T, in, B]`` -> ``[T, out, B]``.
+def _outer_sum(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """``acc + Σ_t a[t] b[t]ᵀ`` for ``a [T, m, B]``, ``b [T, n, B]``: one accumulating matmul
+    a step (no copy into a ``[m, T·B]`` layout and no ``[T, m, n]`` intermediate)."""
+    start = 0
+    if acc is None:
+        acc = torch.mm(a[0], b[0].mT)
+        start = 1
+    for t in range(start, a.shape[0]):
+        acc.addmm_(a[t], b[t].mT)
+    return acc
 
-    The same product as ``matrix(x_t)`` (through :meth:`Matrix.chain`), as batched
-    matmuls that write the feature-major layout directly.
+
+def _bmm(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``m @ x[t]`` for every ``t`` as one ``bmm`` (``torch.matmul`` would fold the batch into
+    the rows and copy the transposed result back)."""
+    return torch.bmm(m.expand(x.shape[0], -1, -1), x)
+
+
+class _BatchedLinear(Function):
+    """``y[t] = weight @ x[t] + bias`` for ``x [T, in, B]`` -> ``[T, out, B]``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        y = _bmm(weight, x)
+        if bias is not None:
+            y.add_(bias.unsqueeze(-1))
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dx = _bmm(weight.mT, dy) if needs[0] else None
+        dw = _outer_sum(dy, x) if needs[1] else None
+        db = dy.sum((0, 2)) if ctx.has_bias and needs[2] else None
+        return dx, dw, db
+
+
+def project(matrix: Matrix, x: torch.Tensor, bias: torch.Tensor | None = None,
+            scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``scale ⊙ (M x_t + bias)`` for every step of a feature-major ``x [T, in, B]`` -> ``[T, out, B]``.
+
+    The same product as ``matrix(x_t)`` (through :meth:`Matrix.chain`), written in the
+    feature-major layout directly; ``scale`` (per output row) is folded into the last
+    factor and the bias.
     """
-    for c in matrix.chain():
-        x = torch.matmul(c.mT, x)
-    return x
+    chain = matrix.chain()
+    last = chain[-1].mT
+    if scale is not None:
+        last = last * scale.unsqueeze(-1)
+        bias = bias * scale if bias is not None else None
+    for c in chain[:-1]:
+        x = _BatchedLinear.apply(x, c.mT, None)
+    return _BatchedLinear.apply(x, last, bias)
 
 
+# ---------------------------------------------------------------------------------------
+# shared pieces of the scans (feature-major: a step is [features, batch])
+# ---------------------------------------------------------------------------------------
 def _pre(x_t: torch.Tensor, h: torch.Tensor, left, out=None) -> torch.Tensor:
     """``x_t + L_n ⋯ L_1 h`` with ``left = (L_1, ..., L_n) = (C_1ᵀ, ..., C_nᵀ)``."""
     for m in left[:-1]:
@@ -82,40 +137,70 @@ def _pre_grad(g_t, d: torch.Tensor, right, out=None) -> torch.Tensor:
     return torch.addmm(g_t, right[-1], d) if out is None else torch.addmm(g_t, right[-1], d, out=out)
 
 
-def _outer_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``Σ_t a[t] b[t]ᵀ`` for ``a [T, m, B]``, ``b [T, n, B]`` (one accumulating matmul a step:
-    no copy to a ``[m, T·B]`` layout, no ``[T, m, n]`` intermediate)."""
-    acc = torch.mm(a[0], b[0].mT)
-    for t in range(1, a.shape[0]):
-        acc.addmm_(a[t], b[t].mT)
-    return acc
+def _scale_cols(chain, scale: torch.Tensor):
+    """The chain with the output columns of its last factor multiplied by ``scale``."""
+    return [*chain[:-1], chain[-1] * scale]
 
 
-def _chain_grads(hprev: torch.Tensor, dpre: torch.Tensor, chain, needs) -> list:
-    """Gradients of ``(C_1, ..., C_n)`` given ``dpre [T, G·H, B]``.
+class _ChainGrad:
+    """Accumulates the gradients of the chain ``(C_1, ..., C_n)`` chunk by chunk.
 
-    With ``P_0 = H_prev`` and ``P_i = C_iᵀ P_{i-1}``: ``dC_i = Σ_t P_{i-1}[t] dP_i[t]ᵀ``
-    and ``dP_{i-1} = C_i dP_i``, starting from ``dP_n = dpre``.
+    With ``P_0 = H_prev`` and ``P_i = C_iᵀ P_{i-1}``: ``dC_i = Σ_t P_{i-1}[t] dP_i[t]ᵀ`` and
+    ``dP_{i-1} = C_i dP_i``, starting from ``dP_n = dpre``.
     """
-    n = len(chain)
-    grads = [None] * n
-    if not any(needs):
-        return grads
-    ps = [hprev]
-    for c in chain[:-1]:
-        ps.append(torch.matmul(c.mT, ps[-1]))
-    d = dpre
-    for i in range(n - 1, -1, -1):
-        if needs[i]:
-            grads[i] = _outer_sum(ps[i], d)
-        if i > 0 and any(needs[:i]):
-            d = torch.matmul(chain[i], d)
-    return grads
+
+    def __init__(self, chain, needs):
+        self.chain, self.needs = chain, list(needs)
+        self.grads = [None] * len(chain)
+
+    def add(self, hprev: torch.Tensor, dpre: torch.Tensor) -> None:
+        if not any(self.needs):
+            return
+        ps = [hprev]
+        for c in self.chain[:-1]:
+            ps.append(_bmm(c.mT, ps[-1]))
+        d = dpre
+        for i in range(len(self.chain) - 1, -1, -1):
+            if self.needs[i]:
+                self.grads[i] = _outer_sum(ps[i], d, self.grads[i])
+            if i > 0 and any(self.needs[:i]):
+                d = _bmm(self.chain[i], d)
 
 
-def _col(v: torch.Tensor) -> torch.Tensor:
-    """A per-feature vector as a column ``[n, 1]`` that broadcasts over the batch."""
-    return v.unsqueeze(-1)
+def _chunks(steps: int):
+    """``(t0, t1)`` chunks of at most :data:`CHUNK` steps, from the end of the sequence."""
+    t1 = steps
+    while t1 > 0:
+        t0 = max(0, t1 - CHUNK)
+        yield t0, t1
+        t1 = t0
+
+
+class _DH:
+    """The running ``dh`` of the backward loop, written in place chunk by chunk.
+
+    Two ``[CHUNK, H, B]`` buffers alternate, so the step at the start of a chunk writes
+    ``dh_{t0-1}`` straight into the next chunk's last slot while the finished chunk's
+    ``dh`` stay readable for its parameter gradients.
+    """
+
+    def __init__(self, dh_last: torch.Tensor, steps: int):
+        self.bufs = [dh_last.new_empty((min(CHUNK, steps),) + dh_last.shape) for _ in range(2)]
+        self.k = 0
+        self.cur = self.bufs[0][: min(CHUNK, steps)]
+        self.cur[-1] = dh_last
+
+    def target(self, j: int, t0: int):
+        """Where step ``t0 + j`` writes ``dh_{t0+j-1}``: in this chunk, the next one, or new."""
+        if j > 0:
+            return self.cur[j - 1]
+        if t0 == 0:
+            return None
+        return self.bufs[1 - self.k][min(CHUNK, t0) - 1]
+
+    def advance(self, t0: int) -> None:
+        self.k = 1 - self.k
+        self.cur = self.bufs[self.k][: min(CHUNK, t0)]
 
 
 def _final(buf: torch.Tensor, last) -> torch.Tensor:
@@ -135,15 +220,15 @@ def _external_grads(dstates, dfinal, last, like: torch.Tensor):
     if last is None:
         g = dstates.contiguous() if dstates is not None else None
         if g is None:
-            dh = dfinal.mT.contiguous() if dfinal is not None else torch.zeros_like(like[0])
+            dh = dfinal.mT if dfinal is not None else torch.zeros_like(like[0])
         else:
-            dh = g[-1] + dfinal.mT if dfinal is not None else g[-1].clone()
+            dh = g[-1] + dfinal.mT if dfinal is not None else g[-1]
         return g, dh
     g = dstates.clone(memory_format=torch.contiguous_format) if dstates is not None else torch.zeros_like(like)
     if dfinal is not None:
         batch = torch.arange(g.shape[2], device=g.device)
         g.permute(0, 2, 1).index_put_((last, batch), dfinal, accumulate=True)
-    return g, g[-1].clone()
+    return g, g[-1]
 
 
 def _scatter_final(dfinal, last, like: torch.Tensor) -> torch.Tensor:
@@ -159,13 +244,9 @@ def _tanh_consts(like: torch.Tensor):
     return like.new_tensor(-1.0), like.new_tensor(2.0)
 
 
-def _sum_tb(x: torch.Tensor) -> torch.Tensor:
-    """Sum of a ``[T, n, B]`` tensor over time and batch -> ``[n]``."""
-    return x.sum((0, 2))
-
-
-def _one_minus_sq(x: torch.Tensor) -> torch.Tensor:
-    return torch.addcmul(torch.ones_like(x), x, x, value=-1)
+def _one_minus_sq(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale (1 - x²)``."""
+    return torch.addcmul(torch.full_like(x, scale), x, x, value=-scale)
 
 
 def _dsigmoid(s: torch.Tensor) -> torch.Tensor:
@@ -173,40 +254,45 @@ def _dsigmoid(s: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(s, s, s, value=-1)
 
 
-def _buffers(wx: torch.Tensor, h0: torch.Tensor):
+def _states(x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
     """States buffer ``[T+1, H, B]`` holding ``h0ᵀ`` at index 0."""
-    S = wx.new_empty((wx.shape[0] + 1, h0.shape[1], h0.shape[0]))
+    S = x.new_empty((x.shape[0] + 1, h0.shape[1], h0.shape[0]))
     S[0] = h0.mT
     return S
+
+
+def _sum_tb(x: torch.Tensor) -> torch.Tensor:
+    return x.sum((0, 2))
 
 
 # ---------------------------------------------------------------------------------------
 # FastGRNN
 # ---------------------------------------------------------------------------------------
 class FastGRNNScan(Function):
-    r"""FastGRNN over a sequence: ``pre = wx_t + U h``, ``z = σ(pre + b_z)``,
-    ``h̃ = tanh(pre + b_h)``, ``h_t = (ζ(1 - z) + ν) h̃ + z h_{t-1}``.
+    r"""FastGRNN: ``pre = W x_t + U h + b_z`` (input ``x`` holds ``W x_t + b_z``),
+    ``z = σ(pre)``, ``h̃ = tanh(pre + b_h - b_z) = 2 σ(2 pre + δ) - 1`` with
+    ``δ = 2 (b_h - b_z)``, ``h_t = (ζ(1 - z) + ν) h̃ + z h_{t-1}``.
 
     Backward: with ``K^z = (h_{t-1} - ζ h̃) z(1 - z)`` and ``K^h = (ζ(1 - z) + ν)(1 - h̃²)``,
-    ``dpre_t = dh_t (K^z + K^h)`` and ``dh_{t-1} = g_{t-1} + Uᵀ dpre_t + dh_t z``.
+    ``dpre_t = dh_t (K^z + K^h)``, ``dh_{t-1} = g_{t-1} + Uᵀ dpre_t + dh_t z`` and
+    ``dδ = ½ Σ dh K^h``.
     """
 
     @staticmethod
-    def forward(ctx, wx, last, h0, bias_z, bias_h, zeta, nu, *chain):
-        xz = (wx + _col(bias_z)).unbind(0)
-        # h~ = tanh(pre + b_h) = 2 σ(2 (pre + b_z) + 2 (b_h - b_z)) - 1
-        db2 = _col(2 * (bias_h - bias_z)).expand(wx.shape[1:]).contiguous()
+    def forward(ctx, x, last, h0, delta, zeta, nu, *chain):
+        xs = x.unbind(0)
+        delta = delta.unsqueeze(-1).expand(x.shape[1:]).contiguous()
         neg_zeta, c1 = -zeta, zeta + nu
-        neg1, two = _tanh_consts(wx)
-        S = _buffers(wx, h0)
-        Z, HT = torch.empty_like(S[1:]), torch.empty_like(S[1:])
+        neg1, two = _tanh_consts(x)
+        S = _states(x, h0)
+        Z, HT = torch.empty_like(x), torch.empty_like(x)
         Ss, Zs, HTs = S.unbind(0), Z.unbind(0), HT.unbind(0)
         left = [c.mT for c in chain]
         h = Ss[0]
-        for t in range(wx.shape[0]):
-            pre = _pre(xz[t], h, left)  # pre + b_z
+        for t in range(x.shape[0]):
+            pre = _pre(xs[t], h, left)
             torch.sigmoid(pre, out=Zs[t])
-            ht = torch.addcmul(neg1, torch.add(db2, pre, alpha=2).sigmoid_(), two, out=HTs[t])
+            ht = torch.addcmul(neg1, torch.add(delta, pre, alpha=2).sigmoid_(), two, out=HTs[t])
             # h_t = c1 h~ + z (h - ζ h~),  c1 = ζ + ν
             u = torch.addcmul(h, ht, neg_zeta)
             h = torch.addcmul(torch.mul(ht, c1), Zs[t], u, out=Ss[t + 1])
@@ -219,55 +305,63 @@ class FastGRNNScan(Function):
     def backward(ctx, dstates, dfinal):
         S, Z, HT, last, zeta, nu, *chain = ctx.saved_tensors
         steps = Z.shape[0]
-        hprev = S[:-1]
-        neg_zeta = -zeta
-        # local derivatives of all steps at once
-        kz = torch.addcmul(hprev, HT, neg_zeta).mul_(_dsigmoid(Z))
-        k = torch.addcmul(zeta + nu, Z, neg_zeta).mul_(_one_minus_sq(HT)).add_(kz)
-        g, dh = _external_grads(dstates, dfinal, last, Z)
-        gs = g.unbind(0) if g is not None else (None,) * steps
-        DH, DPRE = torch.empty_like(Z), torch.empty_like(Z)
-        DH[-1] = dh
-        DHs, DPs, Ks, Zs = DH.unbind(0), DPRE.unbind(0), k.unbind(0), Z.unbind(0)
-        right = list(reversed(chain))
-        for t in range(steps - 1, -1, -1):
-            dp = torch.mul(DHs[t], Ks[t], out=DPs[t])
-            back = _pre_grad(gs[t - 1] if t > 0 else None, dp, right)
-            dh = torch.addcmul(back, DHs[t], Zs[t], out=DHs[t - 1] if t > 0 else None)
         needs = ctx.needs_input_grad
-        dbz = _sum_tb(DH * kz) if needs[3] or needs[4] else None
-        dbh = _sum_tb(DPRE) - dbz if needs[4] else None
-        dzeta = dnu = None
-        if needs[5] or needs[6]:
-            dht = DH.mul_(HT)  # DH is not needed any more
-            dnu = dht.sum()
-            dzeta = dnu - dht.mul_(Z).sum()
-        dchain = _chain_grads(hprev, DPRE, chain, needs[7:])
-        return (DPRE if needs[0] else None, None, dh.mT if needs[2] else None, dbz if needs[3] else None,
-                dbh, dzeta if needs[5] else None, dnu if needs[6] else None, *dchain)
+        neg_zeta, c1 = -zeta, zeta + nu
+        g, dh = _external_grads(dstates, dfinal, last, Z)
+        DPRE = torch.empty_like(Z)
+        DH = _DH(dh, steps)
+        grads = _ChainGrad(chain, needs[6:])
+        right = list(reversed(chain))
+        sum_kz = sum_dp = dnu = dzeta = None
+        for t0, t1 in _chunks(steps):
+            hp, z, ht = S[t0:t1], Z[t0:t1], HT[t0:t1]
+            kz = torch.addcmul(hp, ht, neg_zeta).mul_(_dsigmoid(z))
+            k = torch.addcmul(c1, z, neg_zeta).mul_(_one_minus_sq(ht)).add_(kz)
+            for j in range(t1 - t0 - 1, -1, -1):
+                t = t0 + j
+                dp = torch.mul(DH.cur[j], k[j], out=DPRE[t])
+                back = _pre_grad(g[t - 1] if g is not None and t > 0 else None, dp, right)
+                dh = torch.addcmul(back, DH.cur[j], z[j], out=DH.target(j, t0))
+            dh_c, dp_c = DH.cur, DPRE[t0:t1]
+            grads.add(hp, dp_c)
+            if needs[3]:
+                sum_kz = _acc(sum_kz, _sum_tb(dh_c * kz))
+                sum_dp = _acc(sum_dp, _sum_tb(dp_c))
+            if needs[4] or needs[5]:
+                dht = dh_c.mul_(ht)
+                s_ht = dht.sum()
+                dnu = _acc(dnu, s_ht)
+                dzeta = _acc(dzeta, s_ht - dht.mul_(z).sum())
+            DH.advance(t0)
+        ddelta = 0.5 * (sum_dp - sum_kz) if needs[3] else None
+        return (DPRE if needs[0] else None, None, dh.mT if needs[2] else None, ddelta,
+                dzeta if needs[4] else None, dnu if needs[5] else None, *grads.grads)
+
+
+def _acc(total, part):
+    return part if total is None else total + part
 
 
 # ---------------------------------------------------------------------------------------
 # FastRNN
 # ---------------------------------------------------------------------------------------
 class FastRNNScan(Function):
-    r"""FastRNN over a sequence: ``h_t = β h_{t-1} + α tanh(wx_t + b + U h)`` with the
-    already squashed ``α = sigmoid(alpha)``, ``β = sigmoid(beta)``.
+    r"""FastRNN: ``h_t = β h_{t-1} + α tanh(a_t)``, ``a_t = W x_t + b + U h`` given primed
+    (doubled) ``x = 2 (W x_t + b)`` and chain ``2 U``; ``α``, ``β`` already squashed.
 
-    Backward: ``dpre_t = dh_t α (1 - h̃²)``, ``dh_{t-1} = g_{t-1} + Uᵀ dpre_t + β dh_t``.
+    Backward: ``da'_t = dh_t α (1 - h̃²) / 2``, ``dh_{t-1} = g_{t-1} + (2U)ᵀ da'_t + β dh_t``.
     """
 
     @staticmethod
-    def forward(ctx, wx, last, h0, bias, alpha, beta, *chain):
-        neg1, two = _tanh_consts(wx)
-        # the tanh argument doubled: inputs, and the last factor of the chain
-        xs = torch.add(wx, _col(bias)).mul_(2).unbind(0)
-        left = [c.mT for c in chain[:-1]] + [chain[-1].mT * 2]
-        S = _buffers(wx, h0)
-        HT = torch.empty_like(S[1:])
+    def forward(ctx, x, last, h0, alpha, beta, *chain):
+        neg1, two = _tanh_consts(x)
+        xs = x.unbind(0)
+        left = [c.mT for c in chain]
+        S = _states(x, h0)
+        HT = torch.empty_like(x)
         Ss, HTs = S.unbind(0), HT.unbind(0)
         h = Ss[0]
-        for t in range(wx.shape[0]):
+        for t in range(x.shape[0]):
             ht = torch.addcmul(neg1, _pre(xs[t], h, left).sigmoid_(), two, out=HTs[t])
             h = torch.addcmul(torch.mul(h, beta), ht, alpha, out=Ss[t + 1])
         ctx.save_for_backward(S, HT, last, alpha, beta, *chain)
@@ -279,137 +373,134 @@ class FastRNNScan(Function):
     def backward(ctx, dstates, dfinal):
         S, HT, last, alpha, beta, *chain = ctx.saved_tensors
         steps = HT.shape[0]
-        hprev = S[:-1]
-        k = _one_minus_sq(HT).mul_(alpha)
-        g, dh = _external_grads(dstates, dfinal, last, HT)
-        gs = g.unbind(0) if g is not None else (None,) * steps
-        DH, DPRE = torch.empty_like(HT), torch.empty_like(HT)
-        DH[-1] = dh
-        DHs, DPs, Ks = DH.unbind(0), DPRE.unbind(0), k.unbind(0)
-        right = list(reversed(chain))
-        for t in range(steps - 1, -1, -1):
-            dp = torch.mul(DHs[t], Ks[t], out=DPs[t])
-            back = _pre_grad(gs[t - 1] if t > 0 else None, dp, right)
-            dh = torch.addcmul(back, DHs[t], beta, out=DHs[t - 1] if t > 0 else None)
         needs = ctx.needs_input_grad
-        dbias = _sum_tb(DPRE) if needs[3] else None
-        dalpha = (DH * HT).sum() if needs[4] else None
-        dbeta = (DH * hprev).sum() if needs[5] else None
-        dchain = _chain_grads(hprev, DPRE, chain, needs[6:])
-        return (DPRE if needs[0] else None, None, dh.mT if needs[2] else None, dbias, dalpha, dbeta, *dchain)
+        g, dh = _external_grads(dstates, dfinal, last, HT)
+        DPRE = torch.empty_like(HT)
+        DH = _DH(dh, steps)
+        grads = _ChainGrad(chain, needs[5:])
+        right = list(reversed(chain))
+        dalpha = dbeta = None
+        half_alpha = alpha * 0.5
+        for t0, t1 in _chunks(steps):
+            hp, ht = S[t0:t1], HT[t0:t1]
+            k = _one_minus_sq(ht).mul_(half_alpha)
+            for j in range(t1 - t0 - 1, -1, -1):
+                t = t0 + j
+                dp = torch.mul(DH.cur[j], k[j], out=DPRE[t])
+                back = _pre_grad(g[t - 1] if g is not None and t > 0 else None, dp, right)
+                dh = torch.addcmul(back, DH.cur[j], beta, out=DH.target(j, t0))
+            grads.add(hp, DPRE[t0:t1])
+            if needs[3]:
+                dalpha = _acc(dalpha, (DH.cur * ht).sum())
+            if needs[4]:
+                dbeta = _acc(dbeta, (DH.cur * hp).sum())
+            DH.advance(t0)
+        return (DPRE if needs[0] else None, None, dh.mT if needs[2] else None, dalpha, dbeta, *grads.grads)
 
 
 # ---------------------------------------------------------------------------------------
 # GRU (torch's gate order r, z, n)
 # ---------------------------------------------------------------------------------------
 class GRUScan(Function):
-    r"""GRU over a sequence, torch's equations: ``(h_r, h_z, h_n) = U h + b_hh``,
-    ``r = σ(x_r + h_r)``, ``z = σ(x_z + h_z)``, ``n = tanh(x_n + r h_n)``,
-    ``h_t = n + z (h_{t-1} - n)``, where ``x = wx_t + b_ih``.
+    r"""GRU, torch's equations with primed ``n`` rows: input ``x = (W_r x + b_ir + b_hr,
+    W_z x + b_iz + b_hz, 2 (W_n x + b_in))``, chain ``U`` with its ``n`` rows doubled,
+    ``bias_n = 2 b_hn``. Per step ``(r, z) = σ(x_{rz} + U'_{rz} h)``,
+    ``h'_n = U'_n h + bias_n``, ``n = 2 σ(x'_n + r h'_n) - 1``, ``h_t = n + z (h_{t-1} - n)``.
 
-    Backward: with ``K^n = (1 - z)(1 - n²)``, the gradient w.r.t. ``(h_r, h_z, h_n)`` is
-    ``dh_t (K^n h_n r(1 - r),  (h_{t-1} - n) z(1 - z),  K^n r)`` and
-    ``dh_{t-1} = g_{t-1} + Uᵀ d(h_r, h_z, h_n) + dh_t z``.
+    Backward: with ``K^n = (1 - z)(1 - n²) / 2``, the gradient w.r.t. ``(h_r, h_z, h'_n)``
+    is ``dh_t (K^n h'_n r(1 - r),  (h_{t-1} - n) z(1 - z),  K^n r)`` and
+    ``dh_{t-1} = g_{t-1} + U'ᵀ d(h_r, h_z, h'_n) + dh_t z``; ``d x'_n = dh_t K^n``.
+    Only ``h'_n`` of the recurrent product is stored (``r`` and ``z`` are).
     """
 
     @staticmethod
-    def forward(ctx, wx, last, h0, bias_ih, bias_hh, *chain):
+    def forward(ctx, x, last, h0, bias_n, *chain):
         hidden = h0.shape[1]
         h2 = 2 * hidden
-        neg1, two = _tanh_consts(wx)
-        # x_n doubled: n = tanh(x_n + r h_n) = 2 σ(2 x_n + 2 r h_n) - 1
-        x = torch.add(wx, _col(bias_ih))
-        x[:, h2:] *= 2
-        xrz, xn2 = x[:, :h2].unbind(0), x[:, h2:].unbind(0)
-        bhh = _col(bias_hh)
-        S = _buffers(wx, h0)
-        HG = torch.empty_like(wx)                       # U h + b_hh, all three gates
-        RZ = wx.new_empty((wx.shape[0], h2, wx.shape[2]))  # r, z
-        N = torch.empty_like(S[1:])
-        Ss, HGs, RZs, Ns = S.unbind(0), HG.unbind(0), RZ.unbind(0), N.unbind(0)
-        HGrz, HGn = HG[:, :h2].unbind(0), HG[:, h2:].unbind(0)
+        neg1, two = _tanh_consts(x)
+        xrz, xn = x[:, :h2].unbind(0), x[:, h2:].unbind(0)
+        bias_n = bias_n.unsqueeze(-1).expand(hidden, x.shape[2]).contiguous()
+        S = _states(x, h0)
+        RZ = x.new_empty((x.shape[0], h2, x.shape[2]))  # r, z
+        HN, N = torch.empty_like(S[1:]), torch.empty_like(S[1:])
+        Ss, RZs, HNs, Ns = S.unbind(0), RZ.unbind(0), HN.unbind(0), N.unbind(0)
         Rs, Zs = RZ[:, :hidden].unbind(0), RZ[:, hidden:].unbind(0)
-        left = [c.mT for c in chain]
+        inner = [c.mT for c in chain[:-1]]
+        last_rz, last_n = chain[-1][:, :h2].mT, chain[-1][:, h2:].mT
         h = Ss[0]
-        for t in range(wx.shape[0]):
-            _pre(bhh, h, left, out=HGs[t])
-            torch.add(xrz[t], HGrz[t], out=RZs[t]).sigmoid_()
-            n = torch.addcmul(neg1, torch.addcmul(xn2[t], Rs[t], HGn[t], value=2).sigmoid_(), two, out=Ns[t])
+        for t in range(x.shape[0]):
+            y = h
+            for m in inner:
+                y = torch.mm(m, y)
+            torch.addmm(xrz[t], last_rz, y, out=RZs[t]).sigmoid_()
+            hn = torch.addmm(bias_n, last_n, y, out=HNs[t])
+            n = torch.addcmul(neg1, torch.addcmul(xn[t], Rs[t], hn).sigmoid_(), two, out=Ns[t])
             h = torch.addcmul(n, Zs[t], torch.sub(h, n), out=Ss[t + 1])
-        ctx.save_for_backward(S, HG, RZ, N, last, *chain)
+        ctx.save_for_backward(S, RZ, HN, N, last, *chain)
         ctx.set_materialize_grads(False)
         return S[1:], _final(S, last)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dstates, dfinal):
-        S, HG, RZ, N, last, *chain = ctx.saved_tensors
+        S, RZ, HN, N, last, *chain = ctx.saved_tensors
         steps, hidden, batch = N.shape
-        hprev = S[:-1]
-        R, Z = RZ[:, :hidden], RZ[:, hidden:]
-        # K[t] = (K^n h_n r(1-r), (h - n) z(1-z), K^n r) stacked along features
-        kn = _one_minus_sq(N).mul_(1 - Z)
-        K = N.new_empty(steps, 3, hidden, batch)
-        torch.mul(kn, HG[:, 2 * hidden:], out=K[:, 0]).mul_(_dsigmoid(R))
-        torch.sub(hprev, N, out=K[:, 1]).mul_(_dsigmoid(Z))
-        torch.mul(kn, R, out=K[:, 2])
-        g, dh = _external_grads(dstates, dfinal, last, N)
-        gs = g.unbind(0) if g is not None else (None,) * steps
-        DH = torch.empty_like(N)
-        DH[-1] = dh
-        DHG = torch.empty_like(K)
-        DHs, DHGs, Ks = DH.unbind(0), DHG.unbind(0), K.unbind(0)
-        DHG2s = DHG.view(steps, 3 * hidden, batch).unbind(0)
-        Zs = Z.unbind(0)
-        right = list(reversed(chain))
-        for t in range(steps - 1, -1, -1):
-            torch.mul(DHs[t], Ks[t], out=DHGs[t])
-            back = _pre_grad(gs[t - 1] if t > 0 else None, DHG2s[t], right)
-            dh = torch.addcmul(back, DHs[t], Zs[t], out=DHs[t - 1] if t > 0 else None)
         needs = ctx.needs_input_grad
-        dhg = DHG.view(steps, 3 * hidden, batch)
-        dchain = _chain_grads(hprev, dhg, chain, needs[5:])
-        dbias_hh = _sum_tb(dhg) if needs[4] else None
-        dx = None
-        if needs[0] or needs[3]:
-            # d(x_r, x_z) = d(h_r, h_z); d x_n = dh K^n (without the factor r)
-            torch.mul(DH, kn, out=DHG[:, 2])
-            dx = dhg
-        return (dx if needs[0] else None, None, dh.mT if needs[2] else None,
-                _sum_tb(dx) if needs[3] else None, dbias_hh, *dchain)
+        g, dh = _external_grads(dstates, dfinal, last, N)
+        DHG = N.new_empty(steps, 3, hidden, batch)  # d(h_r, h_z, h'_n), then d x'
+        DHG2 = DHG.view(steps, 3 * hidden, batch)
+        DH = _DH(dh, steps)
+        grads = _ChainGrad(chain, needs[4:])
+        right = list(reversed(chain))
+        dbias_n = None
+        for t0, t1 in _chunks(steps):
+            hp, r, z, n = S[t0:t1], RZ[t0:t1, :hidden], RZ[t0:t1, hidden:], N[t0:t1]
+            kn = torch.mul(z, -0.5).add_(0.5).mul_(_one_minus_sq(n))
+            K = n.new_empty(t1 - t0, 3, hidden, batch)
+            torch.mul(kn, HN[t0:t1], out=K[:, 0]).mul_(_dsigmoid(r))
+            torch.sub(hp, n, out=K[:, 1]).mul_(_dsigmoid(z))
+            torch.mul(kn, r, out=K[:, 2])
+            for j in range(t1 - t0 - 1, -1, -1):
+                t = t0 + j
+                torch.mul(DH.cur[j], K[j], out=DHG[t])
+                back = _pre_grad(g[t - 1] if g is not None and t > 0 else None, DHG2[t], right)
+                dh = torch.addcmul(back, DH.cur[j], z[j], out=DH.target(j, t0))
+            grads.add(hp, DHG2[t0:t1])
+            if needs[3]:
+                dbias_n = _acc(dbias_n, _sum_tb(DHG[t0:t1, 2]))
+            # d x' differs from d(h_r, h_z, h'_n) only in the n rows: dh K^n without r
+            torch.mul(DH.cur, kn, out=DHG[t0:t1, 2])
+            DH.advance(t0)
+        return (DHG2 if needs[0] else None, None, dh.mT if needs[2] else None, dbias_n, *grads.grads)
 
 
 # ---------------------------------------------------------------------------------------
 # LSTM (torch's gate order i, f, g, o)
 # ---------------------------------------------------------------------------------------
 class LSTMScan(Function):
-    r"""LSTM over a sequence, torch's equations: ``(i, f, g, o) = wx_t + b + U h``
-    (``b = b_ih + b_hh``), ``c_t = σ(f) c_{t-1} + σ(i) tanh(g)``, ``h_t = σ(o) tanh(c_t)``.
+    r"""LSTM, torch's equations with primed ``g`` rows: input ``x = W x_t + b_ih + b_hh``
+    with its ``g`` rows doubled, chain ``U`` likewise; one ``σ`` of ``x_t + U' h`` gives
+    ``σ(i), σ(f), σ(2g), σ(o)`` and ``tanh g = 2 σ(2g) - 1``;
+    ``c_t = σ(f) c_{t-1} + σ(i) tanh g``, ``h_t = σ(o) tanh c_t``.
 
-    Backward: ``dc_t = dc'_t + dh_t σ(o)(1 - tanh²c_t)`` (``dc'`` from step ``t+1``),
-    gate gradients ``dc_t (tanh g · i(1-i), c_{t-1} f(1-f), i(1 - tanh²g))`` and
-    ``dh_t tanh c_t · o(1-o)``; ``dc'_{t-1} = dc_t σ(f)``, ``dh_{t-1} = g_{t-1} + Uᵀ dgates``.
+    Backward: ``dc_t = dc'_t + dh_t σ(o)(1 - tanh² c_t)`` (``dc'`` from step ``t+1``), gate
+    gradients ``dc_t (tanh g · i(1-i), c_{t-1} f(1-f), i (1 - tanh² g) / 2)`` and
+    ``dh_t tanh c_t · o(1-o)``; ``dc'_{t-1} = dc_t σ(f)``, ``dh_{t-1} = g_{t-1} + U'ᵀ dgates``.
     """
 
     @staticmethod
-    def forward(ctx, wx, last, h0, c0, bias, *chain):
+    def forward(ctx, x, last, h0, c0, *chain):
         hidden = h0.shape[1]
-        gs = slice(2 * hidden, 3 * hidden)
-        neg1, two = _tanh_consts(wx)
-        # g rows doubled: one sigmoid gives σ(i), σ(f), σ(2g), σ(o); tanh g = 2 σ(2g) - 1
-        x = torch.add(wx, _col(bias))
-        x[:, gs] *= 2
+        neg1, two = _tanh_consts(x)
         xs = x.unbind(0)
-        last_factor = chain[-1].clone()
-        last_factor[:, gs] *= 2
-        left = [c.mT for c in chain[:-1]] + [last_factor.mT]
-        S, C = _buffers(wx, h0), _buffers(wx, c0)
-        SG = torch.empty_like(wx)          # σ(i), σ(f), tanh(g), σ(o)
+        left = [c.mT for c in chain]
+        S, C = _states(x, h0), _states(x, c0)
+        SG = torch.empty_like(x)           # σ(i), σ(f), tanh(g), σ(o)
         TC = torch.empty_like(S[1:])       # tanh(c_t)
         Ss, Cs, SGs, TCs = S.unbind(0), C.unbind(0), SG.unbind(0), TC.unbind(0)
         Is, Fs, Gs, Os = (SG[:, j * hidden:(j + 1) * hidden].unbind(0) for j in range(4))
         h, c = Ss[0], Cs[0]
-        for t in range(wx.shape[0]):
+        for t in range(x.shape[0]):
             torch.sigmoid(_pre(xs[t], h, left), out=SGs[t])
             torch.addcmul(neg1, Gs[t], two, out=Gs[t])
             c = torch.addcmul(torch.mul(Fs[t], c), Is[t], Gs[t], out=Cs[t + 1])
@@ -424,73 +515,88 @@ class LSTMScan(Function):
     def backward(ctx, dstates, dh_final, dc_final):
         S, C, SG, TC, last, *chain = ctx.saved_tensors
         steps, hidden, batch = TC.shape
-        hprev, cprev = S[:-1], C[:-1]
-        I, F, G, O = (SG[:, j * hidden:(j + 1) * hidden] for j in range(4))
-        # dc gets dh σ(o)(1 - tanh² c); gate factors K[t] = (i, f, g, o) blocks
-        A = _one_minus_sq(TC).mul_(O)
-        K = TC.new_empty(steps, 4, hidden, batch)
-        torch.mul(G, _dsigmoid(I), out=K[:, 0])
-        torch.mul(cprev, _dsigmoid(F), out=K[:, 1])
-        torch.mul(I, _one_minus_sq(G), out=K[:, 2])
-        torch.mul(TC, _dsigmoid(O), out=K[:, 3])
+        needs = ctx.needs_input_grad
         g, dh = _external_grads(dstates, dh_final, last, TC)
-        gs = g.unbind(0) if g is not None else (None,) * steps
         if last is None:
             dc_in = None
-            dc = dc_final.mT.contiguous() if dc_final is not None else torch.zeros_like(TC[0])
+            dc = dc_final.mT if dc_final is not None else torch.zeros_like(TC[0])
         else:
-            dc_in = _scatter_final(dc_final, last, TC).unbind(0)
+            dc_in = _scatter_final(dc_final, last, TC)
             dc = dc_in[-1]
-        DH, DC = torch.empty_like(TC), torch.empty_like(TC)
-        DH[-1] = dh
-        DG = torch.empty_like(K)
-        DHs, DCs = DH.unbind(0), DC.unbind(0)
-        DG2s = DG.view(steps, 4 * hidden, batch).unbind(0)
-        DG3s, DGos = DG[:, :3].unbind(0), DG[:, 3].unbind(0)
-        K3s, Kos, As, Fs = K[:, :3].unbind(0), K[:, 3].unbind(0), A.unbind(0), F.unbind(0)
+        DG = TC.new_empty(steps, 4, hidden, batch)
+        DG2 = DG.view(steps, 4 * hidden, batch)
+        DH = _DH(dh, steps)
+        DC = TC.new_empty(min(CHUNK, steps), hidden, batch)
+        grads = _ChainGrad(chain, needs[4:])
         right = list(reversed(chain))
-        for t in range(steps - 1, -1, -1):
-            torch.addcmul(dc, DHs[t], As[t], out=DCs[t])
-            torch.mul(DCs[t], K3s[t], out=DG3s[t])
-            torch.mul(DHs[t], Kos[t], out=DGos[t])
-            if dc_in is None or t == 0:
-                dc = torch.mul(DCs[t], Fs[t])
-            else:
-                dc = torch.addcmul(dc_in[t - 1], DCs[t], Fs[t])
-            dh = _pre_grad(gs[t - 1] if t > 0 else None, DG2s[t], right, out=DHs[t - 1] if t > 0 else None)
-        needs = ctx.needs_input_grad
-        dgates = DG.view(steps, 4 * hidden, batch)
-        dchain = _chain_grads(hprev, dgates, chain, needs[5:])
-        return (dgates if needs[0] else None, None, dh.mT if needs[2] else None, dc.mT if needs[3] else None,
-                _sum_tb(dgates) if needs[4] else None, *dchain)
+        for t0, t1 in _chunks(steps):
+            i, f, gg, o = (SG[t0:t1, j * hidden:(j + 1) * hidden] for j in range(4))
+            tc = TC[t0:t1]
+            # dc gets dh σ(o)(1 - tanh² c); gate factors K = (i, f, g, o) blocks
+            A = _one_minus_sq(tc).mul_(o)
+            K = tc.new_empty(t1 - t0, 4, hidden, batch)
+            torch.mul(gg, _dsigmoid(i), out=K[:, 0])
+            torch.mul(C[t0:t1], _dsigmoid(f), out=K[:, 1])
+            torch.mul(i, _one_minus_sq(gg, 0.5), out=K[:, 2])
+            torch.mul(tc, _dsigmoid(o), out=K[:, 3])
+            for j in range(t1 - t0 - 1, -1, -1):
+                t = t0 + j
+                torch.addcmul(dc, DH.cur[j], A[j], out=DC[j])
+                torch.mul(DC[j], K[j, :3], out=DG[t, :3])
+                torch.mul(DH.cur[j], K[j, 3], out=DG[t, 3])
+                if dc_in is None or t == 0:
+                    dc = torch.mul(DC[j], f[j])
+                else:
+                    dc = torch.addcmul(dc_in[t - 1], DC[j], f[j])
+                dh = _pre_grad(g[t - 1] if g is not None and t > 0 else None, DG2[t], right, out=DH.target(j, t0))
+            grads.add(S[t0:t1], DG2[t0:t1])
+            DH.advance(t0)
+        return (DG2 if needs[0] else None, None, dh.mT if needs[2] else None, dc.mT if needs[3] else None,
+                *grads.grads)
 
 
 # ---------------------------------------------------------------------------------------
-# dispatch
+# dispatch: per cell, the projection (autograd) and the kernel's arguments
 # ---------------------------------------------------------------------------------------
-def _fastgrnn_args(cell: FastGRNNCell):
-    return (cell.bias_z, cell.bias_h, torch.sigmoid(cell.zeta), torch.sigmoid(cell.nu))
+def _fastgrnn(cell: FastGRNNCell, x, h0, last):
+    xin = project(cell.W, x, cell.bias_z)
+    return FastGRNNScan.apply(xin, last, h0, 2 * (cell.bias_h - cell.bias_z), torch.sigmoid(cell.zeta),
+                              torch.sigmoid(cell.nu), *cell.U.chain())
 
 
-def _fastrnn_args(cell: FastRNNCell):
-    return (cell.bias, torch.sigmoid(cell.alpha), torch.sigmoid(cell.beta))
+def _fastrnn(cell: FastRNNCell, x, h0, last):
+    two = cell.bias.new_full((cell.hidden_size,), 2.0)
+    xin = project(cell.W, x, cell.bias, two)
+    return FastRNNScan.apply(xin, last, h0, torch.sigmoid(cell.alpha), torch.sigmoid(cell.beta),
+                             *_scale_cols(cell.U.chain(), two))
 
 
-def _gru_args(cell: GRUCell):
-    return (cell.bias_ih, cell.bias_hh)
+def _gate_scale(cell: RNNCell, gate: int) -> torch.Tensor:
+    """Ones, with 2 on the rows of gate number ``gate`` (the one that feeds a tanh)."""
+    h = cell.hidden_size
+    scale = cell.bias_ih.new_ones(cell.n_gates * h)
+    scale[gate * h:(gate + 1) * h] = 2.0
+    return scale
 
 
-def _lstm_args(cell: LSTMCell):
-    return (cell.bias_ih + cell.bias_hh,)
+def _gru(cell: GRUCell, x, h0, last):
+    h = cell.hidden_size
+    scale = _gate_scale(cell, 2)
+    # b_hr, b_hz sit outside the r* product: fold them into the input bias
+    bias = cell.bias_ih + torch.cat([cell.bias_hh[:2 * h], cell.bias_hh.new_zeros(h)])
+    xin = project(cell.W, x, bias, scale)
+    return GRUScan.apply(xin, last, h0, 2 * cell.bias_hh[2 * h:], *_scale_cols(cell.U.chain(), scale))
+
+
+def _lstm(cell: LSTMCell, x, state, last):
+    scale = _gate_scale(cell, 2)
+    xin = project(cell.W, x, cell.bias_ih + cell.bias_hh, scale)
+    states, h_n, c_n = LSTMScan.apply(xin, last, state[0], state[1], *_scale_cols(cell.U.chain(), scale))
+    return states, (h_n, c_n)
 
 
 # exact types only: a subclass may change the equations, and then takes the reference loop
-KERNELS = {
-    FastGRNNCell: (FastGRNNScan, _fastgrnn_args),
-    FastRNNCell: (FastRNNScan, _fastrnn_args),
-    GRUCell: (GRUScan, _gru_args),
-    LSTMCell: (LSTMScan, _lstm_args),
-}
+KERNELS = {FastGRNNCell: _fastgrnn, FastRNNCell: _fastrnn, GRUCell: _gru, LSTMCell: _lstm}
 
 
 def supports(cell: RNNCell) -> bool:
@@ -498,14 +604,14 @@ def supports(cell: RNNCell) -> bool:
     return type(cell) in KERNELS
 
 
-def fused_scan(cell: RNNCell, wx: torch.Tensor, state, last: torch.Tensor | None = None):
-    """Run one layer over a feature-major sequence with its fused kernel.
+def fused_scan(cell: RNNCell, x: torch.Tensor, state, last: torch.Tensor | None = None):
+    """Run one layer (input projection and recurrence) over a feature-major sequence.
 
     Args:
         cell: a cell for which :func:`supports` is true.
-        wx: ``W x_t`` for all steps, ``[T, G·H, B]`` (see :func:`project`).
+        x: the layer's input, ``[T, input_size, B]`` (any strides).
         state: initial state ``h`` or ``(h, c)``, ``[B, H]`` each.
-        last: ``[B]`` index of each sequence's last real step (on ``wx``'s device), or
+        last: ``[B]`` index of each sequence's last real step (on ``x``'s device), or
             ``None`` when every sequence runs all ``T`` steps.
 
     Returns:
@@ -516,15 +622,8 @@ def fused_scan(cell: RNNCell, wx: torch.Tensor, state, last: torch.Tensor | None
     Raises:
         TypeError: the cell has no fused kernel.
     """
-    entry = KERNELS.get(type(cell))
-    if entry is None:
+    run = KERNELS.get(type(cell))
+    if run is None:
         raise TypeError(f"fused_scan: no fused kernel for {type(cell).__name__}; "
                         f"expected one of {', '.join(k.__name__ for k in KERNELS)}")
-    kernel, args = entry
-    chain = cell.U.chain()
-    if cell.has_cell_state:
-        h0, c0 = state
-        states, h_n, c_n = kernel.apply(wx, last, h0, c0, *args(cell), *chain)
-        return states, (h_n, c_n)
-    states, h_n = kernel.apply(wx, last, state, *args(cell), *chain)
-    return states, h_n
+    return run(cell, x, state, last)

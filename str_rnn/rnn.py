@@ -209,7 +209,7 @@ class RNN(nn.Module):
         else:
             x = x.permute(1, 2, 0)  # [T, F, B]
             for cell, s in zip(self.layers, states):
-                x, s = _fused.fused_scan(cell, _fused.project(cell.W, x), s, last)
+                x, s = _fused.fused_scan(cell, x, s, last)
                 x = x * keep.unsqueeze(1) if keep is not None else x
                 finals.append(s)
             x = x.permute(2, 0, 1)

@@ -69,20 +69,18 @@ def check_resumable(run_dir, config: TrainConfig | None = None) -> TrainConfig:
 
     ``config=None`` continues with the saved configuration. Otherwise only the fields in
     :data:`str_rnn.config.RESUMABLE_CHANGES` (progress, threads, device, ...) may differ
-    from the saved one; the saved values of all others are kept.
+    from the saved one; the saved values of all others are kept. A run killed before its
+    first checkpoint has nothing to continue from: resuming it starts it from scratch.
 
     Raises:
         FileNotFoundError: not a run directory.
-        ValueError: the run is finished, has no checkpoint yet, or ``config`` differs in a
-            field that changes the numbers (the message names the fields).
+        ValueError: the run is finished, or ``config`` differs in a field that changes the
+            numbers (the message names the fields).
     """
     run_dir = Path(run_dir)
     saved = read_config(run_dir)
     if is_finished(run_dir):
         raise ValueError(f"run {run_dir} is finished ({RESULT} exists); nothing to resume")
-    if not (run_dir / CHECKPOINT).is_file():
-        raise ValueError(f"run {run_dir} has no {CHECKPOINT} (it stopped before finishing an epoch); "
-                         "start it again instead of resuming")
     if config is None:
         return saved
     new, old = config.resolved().flat(), saved.flat()

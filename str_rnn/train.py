@@ -341,8 +341,10 @@ def _flat_value(v):
 
 
 class _Trainer:
+    """One run: data, model, optimiser and the loop; see :func:`train`."""
+
     def __init__(self, config: TrainConfig, run_dir: Path, dist: _Dist, datasets, resume: bool):
-        self.config, self.run_dir, self.dist, self.resume = config, run_dir, dist, resume
+        self.config, self.run_dir, self.dist = config, run_dir, dist
         c = config
         seed_everything(c.seed)
         self.splits = datasets if datasets is not None else load_splits(c)
@@ -365,6 +367,7 @@ class _Trainer:
         elif dist.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             runs.write_config(run_dir, c)
+            runs.write_metrics(run_dir, [])
         self.net = self.model
         if dist.world > 1:
             self.net = nn.parallel.DistributedDataParallel(
@@ -414,10 +417,11 @@ class _Trainer:
                 where = f"epoch {self.epoch + 1}, batch {i + 1}"
                 what = f"loss {loss_value}, gradient norm {norm}"
                 if c.on_nonfinite == "stop":
+                    kept = (f"the last good checkpoint is {self.run_dir / runs.CHECKPOINT} (epoch {self.epoch})"
+                            if self.epoch else "no epoch had finished, so there is no checkpoint")
                     raise NonFiniteError(
-                        f"non-finite training step at {where} ({what}); stopped. The last good checkpoint "
-                        f"is {self.run_dir / runs.CHECKPOINT} (epoch {self.epoch}); lower lr / lr_factors, "
-                        f"set grad_clip, or resume with --on-nonfinite skip")
+                        f"non-finite training step at {where} ({what}); stopped: {kept}. Lower lr or "
+                        f"lr_factors, set grad_clip, or resume with --on-nonfinite skip")
                 skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 if bar is not None:
@@ -586,6 +590,8 @@ def train(config: TrainConfig, run_dir, *, resume: bool = False, datasets: dict 
     run_dir = Path(run_dir)
     if resume:
         config = runs.check_resumable(run_dir, config)
+        # killed before its first checkpoint: nothing to continue, start afresh in place
+        resume = (run_dir / runs.CHECKPOINT).is_file()
     else:
         config = config.resolved()
         runs.check_new_run_dir(run_dir)

@@ -1,4 +1,5 @@
-"""Shared fixtures of the core-library tests: a fixed seed and a way to prune a matrix."""
+"""Shared fixtures of the core-library tests: a fixed seed, pruning a matrix to a rank, and
+the time loops an RNN can take."""
 from __future__ import annotations
 
 import math

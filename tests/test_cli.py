@@ -111,7 +111,7 @@ def test_nonfinite_stop_exits_1(tmp_path, capsys, tiny_data, monkeypatch):
     bad.armed = True
     tiny_data.next_train = bad
     code, _, err = run(capsys, "train", "--out", tmp_path / "r", *TINY)
-    assert code == 1 and "non-finite" in err and "epoch 1" in err
+    assert code == 1 and "non-finite training step at epoch 1" in err and "there is no checkpoint" in err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import signal
 
 from str_rnn.datasets import hapt, load
 from str_rnn.datasets.har import ACTIVITIES, TEST_VOLUNTEERS, VAL_VOLUNTEERS

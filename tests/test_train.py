@@ -189,6 +189,16 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, arm_faults):
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in straight.items() if k not in drop}
 
 
+def test_resume_before_the_first_checkpoint_starts_afresh(tmp_path, arm_faults):
+    cfg = tiny_config(epochs=1)
+    straight = train(cfg, tmp_path / "a", datasets=tiny_splits())
+    with pytest.raises(TrainingInterrupted, match="holds epoch 0 of 1"):
+        train(cfg, tmp_path / "b", datasets=tiny_splits(train_cls=Faulty, fault="interrupt", after=10))
+    assert not (tmp_path / "b" / "checkpoint.pt").exists()
+    resumed = train(cfg, tmp_path / "b", resume=True, datasets=tiny_splits())
+    assert resumed["final_train_loss"] == straight["final_train_loss"]
+
+
 def test_resume_refuses_finished_incompatible_and_non_runs(tmp_path, arm_faults):
     cfg = tiny_config(epochs=2)
     train(cfg, tmp_path / "done", datasets=tiny_splits())

@@ -15,7 +15,8 @@ parsed here directly: the whole file in one read, the RIFF chunks walked in Pyth
 samples one ``np.frombuffer``. That is several times faster than libsndfile for
 one-second clips (which costs ~130 us a file here) and detects a truncated data chunk,
 which libsndfile silently accepts. Every other format soundfile can read
-(float WAV, 24-bit, FLAC, ...) goes through :mod:`soundfile`.
+(float WAV, 24-bit, WAVE_FORMAT_EXTENSIBLE, FLAC, ...) goes through :mod:`soundfile`,
+where a truncated file is read as far as it goes.
 """
 from __future__ import annotations
 

@@ -59,8 +59,8 @@ TASK_CLASSES = {
     "har6": list(ACTIVITIES),
     "har2": ["SITTING_LAYING_UPSTAIRS", "STANDING_WALKING_DOWNSTAIRS"],
 }
-# class of activity label a (1..6) is _TASK_MAP[task][a]; index 0 is unused
-_TASK_MAP = {
+# class of activity label a (1..6) is TASK_LABELS[task][a]; index 0 is unused
+TASK_LABELS = {
     "har6": np.array([-1, 0, 1, 2, 3, 4, 5]),
     # WALKING 1, UPSTAIRS 0, DOWNSTAIRS 1, SITTING 0, STANDING 1, LAYING 0
     "har2": np.array([-1, 1, 0, 1, 0, 1, 0]),
@@ -111,7 +111,7 @@ class HARDataset(FeatureDataset):
                 raise ValueError(f"subjects have shape {subjects.shape}, expected [{n}]")
         files = list(files) if files is not None else [f"window {i}" for i in range(n)]
         super().__init__(windows.reshape(n * WINDOW, len(CHANNELS)), np.arange(n + 1) * WINDOW,
-                         _TASK_MAP[task][activities], TASK_CLASSES[task], files)
+                         TASK_LABELS[task][activities], TASK_CLASSES[task], files)
         self.task = task
         self.activities = activities
         self.subjects = subjects
