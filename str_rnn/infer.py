@@ -2,23 +2,27 @@ r"""Lean no-gradient time loops for small batches on the CPU (streaming and batc
 
 With one sequence at a time the arithmetic of a step is a ``1 x H`` times ``H x G·H``
 product and a few ``G·H``-long element-wise operations: microseconds. What costs is the
-number of calls: a torch operation spends about 1 µs in dispatch, and autograd triples
-that. This module runs the recurrence in NumPy on views of the same memory
-(``Tensor.numpy()`` shares storage; about 0.3 µs an operation), into preallocated
-buffers, with the recurrent chain multiplied out to one dense matrix (one product a step
-beats two smaller ones at this size), and with the logistic gates computed through the
-``tanh`` of pre-scaled inputs,
+number of calls: a torch operation spends about 1 µs in dispatch (more with autograd).
+This module runs the recurrence in NumPy on views of the same memory (``Tensor.numpy()``
+shares storage; about 0.3 µs an operation), into preallocated buffers, and computes the
+logistic gates through the ``tanh`` of pre-scaled inputs,
 
 .. math:: \sigma(a) = \tfrac12 \tanh(\tfrac a2) + \tfrac12,
 
-so that one ``tanh`` call covers several gates. Results equal the fused and reference
-loops to float rounding (the tests compare them).
+so that one ``tanh`` call covers several gates. Over a sequence the recurrent chain is
+multiplied out to one dense matrix (one product a step beats two smaller ones at this
+size); a single streaming step keeps the active factors. Results equal the fused and
+reference loops to float rounding (the tests compare them).
 
-Used by :class:`str_rnn.rnn.RNN` when no gradient is needed, the tensors are float32 or
-float64 on the CPU, and the batch has at most :data:`MAX_BATCH` sequences; larger batches
-take the fused kernels (:mod:`str_rnn.fused`) under ``no_grad`` instead.
+Used by :class:`str_rnn.rnn.RNN` (``forward`` and ``step``) when no gradient is needed,
+the tensors are float32 or float64 on the CPU, and the batch has at most
+:data:`MAX_BATCH` sequences; larger batches take the fused kernels (:mod:`str_rnn.fused`)
+under ``no_grad`` instead.
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import numpy as np
 import torch
@@ -27,6 +31,9 @@ from .cells import FastGRNNCell, FastRNNCell, GRUCell, LSTMCell, RNNCell
 
 MAX_BATCH = 8
 """Largest batch run by this module; above it per-call overhead no longer dominates."""
+
+MERGE_STEPS = 8
+"""Sequences at least this long multiply the recurrent chain out to one dense matrix."""
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -48,17 +55,25 @@ def supports(module: torch.nn.Module, batch: int, x: torch.Tensor) -> bool:
             and all(type(c) in _LOOPS for c in module.layers))
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy()
+def _np(t: torch.Tensor, dtype) -> np.ndarray:
+    return t.detach().numpy().astype(dtype, copy=False)
 
 
-def _dense_u(cell: RNNCell, dtype) -> np.ndarray:
-    """``U`` as one ``H x G·H`` array with ``h @ U_np == U(h)`` (chain multiplied out)."""
+def _chain(cell: RNNCell, dtype, merge: bool) -> list[np.ndarray]:
+    """``U`` as NumPy matrices with ``h @ C_1 @ ... == U(h)`` (one matrix if ``merge``)."""
     chain = cell.U.chain()
-    u = chain[0]
-    for c in chain[1:]:
-        u = u @ c
-    return np.array(_np(u), dtype=dtype, order="C")
+    if merge and len(chain) > 1:
+        u = chain[0]
+        for c in chain[1:]:
+            u = u @ c
+        chain = [u]
+    return [_np(c, dtype) for c in chain]
+
+
+def _apply(h: np.ndarray, inner: list[np.ndarray]) -> np.ndarray:
+    for c in inner:
+        h = h @ c
+    return h
 
 
 def _final(S: np.ndarray, last) -> np.ndarray:
@@ -67,53 +82,67 @@ def _final(S: np.ndarray, last) -> np.ndarray:
     return S[last + 1, np.arange(S.shape[1])]
 
 
+def _scalar(t: torch.Tensor, dtype):
+    """``sigmoid(t)`` of a 0-d parameter as a NumPy scalar."""
+    return dtype.type(1.0 / (1.0 + math.exp(-t.item())))
+
+
+@functools.lru_cache(maxsize=32)
+def _affine_halves(hidden: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Read-only ``P = [½, 1]``, ``Q = [½, 0]`` (``hidden`` each): ``[2z - 1, h~] P + Q = [z, h~]``."""
+    P = np.concatenate([np.full(hidden, 0.5, dtype), np.ones(hidden, dtype)])
+    Q = np.concatenate([np.full(hidden, 0.5, dtype), np.zeros(hidden, dtype)])
+    P.flags.writeable = Q.flags.writeable = False
+    return P, Q
+
+
 # ---------------------------------------------------------------------------------------
-# one loop per cell; each takes X = W x_t [T, B, G·H] (NumPy), h0 (and c0) [B, H]
+# one loop per cell: X = W x_t [T, B, G·H] (NumPy), h0 (and c0) [B, H]
 # ---------------------------------------------------------------------------------------
-def _fastgrnn(cell: FastGRNNCell, X: np.ndarray, h0: np.ndarray, last):
+def _fastgrnn(cell: FastGRNNCell, X: np.ndarray, h0: np.ndarray, last, merge: bool):
     steps, batch, hidden = X.shape
-    dt = X.dtype.type
-    zeta = dt(torch.sigmoid(cell.zeta).item())
-    nu = dt(torch.sigmoid(cell.nu).item())
-    u = _dense_u(cell, X.dtype)
-    # q = [(pre + b_z) / 2, pre + b_h]; tanh(q) = [2z - 1, h~]
-    u2 = np.concatenate([u * dt(0.5), u], axis=1)
-    x2 = np.concatenate([(X + _np(cell.bias_z)) * dt(0.5), X + _np(cell.bias_h)], axis=2)
-    # with z = (1 + t)/2:  h' = a h~ + h/2 + t (h/2 - b h~),  a = ζ/2 + ν, b = ζ/2
-    a, b = dt(0.5) * zeta + nu, dt(0.5) * zeta
-    S = np.empty((steps + 1, batch, hidden), X.dtype)
+    dt = X.dtype
+    zeta, nu = _scalar(cell.zeta, dt), _scalar(cell.nu, dt)
+    *inner, u = _chain(cell, dt, merge)
+    # q = [(pre + b_z) / 2, pre + b_h];  tanh(q) = [2z - 1, h~]
+    u2 = np.concatenate([u * dt.type(0.5), u], axis=1)
+    x2 = np.concatenate([(X + _np(cell.bias_z, dt)) * dt.type(0.5), X + _np(cell.bias_h, dt)], axis=2)
+    # [2z - 1, h~] * P + Q = [z, h~];  [z, h~] * [h - ζ h~, c1] summed by halves = h_t
+    P, Q = _affine_halves(hidden, dt)
+    S = np.empty((steps + 1, batch, hidden), dt)
     S[0] = h0
-    q = np.empty((batch, 2 * hidden), X.dtype)
-    half, w = np.empty((batch, hidden), X.dtype), np.empty((batch, hidden), X.dtype)
-    t1, ht = q[:, :hidden], q[:, hidden:]
+    q = np.empty((batch, 2 * hidden), dt)
+    r = np.empty((batch, 2 * hidden), dt)
+    r[:, hidden:] = zeta + nu
+    ht, r1, qa, qb = q[:, hidden:], r[:, :hidden], q[:, :hidden], q[:, hidden:]
+    xs, hs = list(x2), list(S)
+    mul, add, dot, tanh = np.multiply, np.add, np.dot, np.tanh
     for t in range(steps):
-        h, out = S[t], S[t + 1]
-        np.dot(h, u2, out=q)
-        q += x2[t]
-        np.tanh(q, out=q)
-        np.multiply(h, dt(0.5), out=half)
-        np.multiply(ht, -b, out=w)
-        w += half
-        w *= t1
-        np.multiply(ht, a, out=out)
-        out += half
-        out += w
+        h = hs[t]
+        dot(_apply(h, inner), u2, out=q)
+        add(q, xs[t], out=q)
+        tanh(q, out=q)
+        mul(q, P, out=q)
+        add(q, Q, out=q)
+        mul(ht, -zeta, out=r1)
+        add(r1, h, out=r1)
+        mul(q, r, out=q)
+        add(qa, qb, out=hs[t + 1])
     return S, _final(S, last)
 
 
-def _fastrnn(cell: FastRNNCell, X: np.ndarray, h0: np.ndarray, last):
+def _fastrnn(cell: FastRNNCell, X: np.ndarray, h0: np.ndarray, last, merge: bool):
     steps, batch, hidden = X.shape
-    dt = X.dtype.type
-    alpha = dt(torch.sigmoid(cell.alpha).item())
-    beta = dt(torch.sigmoid(cell.beta).item())
-    u = _dense_u(cell, X.dtype)
-    x = X + _np(cell.bias)
-    S = np.empty((steps + 1, batch, hidden), X.dtype)
+    dt = X.dtype
+    alpha, beta = _scalar(cell.alpha, dt), _scalar(cell.beta, dt)
+    *inner, u = _chain(cell, dt, merge)
+    x = X + _np(cell.bias, dt)
+    S = np.empty((steps + 1, batch, hidden), dt)
     S[0] = h0
-    q = np.empty((batch, hidden), X.dtype)
+    q = np.empty((batch, hidden), dt)
     for t in range(steps):
         h, out = S[t], S[t + 1]
-        np.dot(h, u, out=q)
+        np.dot(_apply(h, inner), u, out=q)
         q += x[t]
         np.tanh(q, out=q)
         q *= alpha
@@ -122,30 +151,31 @@ def _fastrnn(cell: FastRNNCell, X: np.ndarray, h0: np.ndarray, last):
     return S, _final(S, last)
 
 
-def _gru(cell: GRUCell, X: np.ndarray, h0: np.ndarray, last):
+def _gru(cell: GRUCell, X: np.ndarray, h0: np.ndarray, last, merge: bool):
     steps, batch, hidden = X.shape[0], X.shape[1], X.shape[2] // 3
-    dt = X.dtype.type
+    dt = X.dtype
     h2 = 2 * hidden
     # halve the r, z columns: tanh(q_rz) = 2 (r, z) - 1
-    scale = np.ones(3 * hidden, X.dtype)
+    scale = np.ones(3 * hidden, dt)
     scale[:h2] = 0.5
-    u = _dense_u(cell, X.dtype) * scale
-    bhh = _np(cell.bias_hh).astype(X.dtype) * scale
-    x = (X + _np(cell.bias_ih)) * scale
-    S = np.empty((steps + 1, batch, hidden), X.dtype)
+    *inner, u = _chain(cell, dt, merge)
+    u = u * scale
+    bhh = _np(cell.bias_hh, dt) * scale
+    x = (X + _np(cell.bias_ih, dt)) * scale
+    S = np.empty((steps + 1, batch, hidden), dt)
     S[0] = h0
-    hg = np.empty((batch, 3 * hidden), X.dtype)
-    rz = np.empty((batch, h2), X.dtype)
-    n, d = np.empty((batch, hidden), X.dtype), np.empty((batch, hidden), X.dtype)
+    hg = np.empty((batch, 3 * hidden), dt)
+    rz = np.empty((batch, h2), dt)
+    n, d = np.empty((batch, hidden), dt), np.empty((batch, hidden), dt)
     r, z = rz[:, :hidden], rz[:, hidden:]
     for t in range(steps):
         h, out = S[t], S[t + 1]
-        np.dot(h, u, out=hg)
+        np.dot(_apply(h, inner), u, out=hg)
         hg += bhh
         np.add(hg[:, :h2], x[t, :, :h2], out=rz)
         np.tanh(rz, out=rz)
-        rz *= dt(0.5)
-        rz += dt(0.5)
+        rz *= dt.type(0.5)
+        rz += dt.type(0.5)
         np.multiply(r, hg[:, h2:], out=n)
         n += x[t, :, h2:]
         np.tanh(n, out=n)
@@ -155,30 +185,31 @@ def _gru(cell: GRUCell, X: np.ndarray, h0: np.ndarray, last):
     return S, _final(S, last)
 
 
-def _lstm(cell: LSTMCell, X: np.ndarray, h0: np.ndarray, c0: np.ndarray, last):
+def _lstm(cell: LSTMCell, X: np.ndarray, h0: np.ndarray, c0: np.ndarray, last, merge: bool):
     steps, batch, hidden = X.shape[0], X.shape[1], X.shape[2] // 4
-    dt = X.dtype.type
+    dt = X.dtype
     # halve the i, f, o columns: one tanh gives 2 (i, f) - 1, tanh(g), 2 o - 1
-    scale = np.full(4 * hidden, 0.5, X.dtype)
+    scale = np.full(4 * hidden, 0.5, dt)
     scale[2 * hidden:3 * hidden] = 1.0
-    u = _dense_u(cell, X.dtype) * scale
-    x = (X + _np(cell.bias_ih + cell.bias_hh)) * scale
-    S = np.empty((steps + 1, batch, hidden), X.dtype)
+    *inner, u = _chain(cell, dt, merge)
+    u = u * scale
+    x = (X + _np(cell.bias_ih + cell.bias_hh, dt)) * scale
+    S = np.empty((steps + 1, batch, hidden), dt)
     C = np.empty_like(S)
     S[0], C[0] = h0, c0
-    q = np.empty((batch, 4 * hidden), X.dtype)
-    tmp = np.empty((batch, hidden), X.dtype)
+    q = np.empty((batch, 4 * hidden), dt)
+    tmp = np.empty((batch, hidden), dt)
     i_f, g, o = q[:, :2 * hidden], q[:, 2 * hidden:3 * hidden], q[:, 3 * hidden:]
     i, f = q[:, :hidden], q[:, hidden:2 * hidden]
     for t in range(steps):
         h, c, out, c_out = S[t], C[t], S[t + 1], C[t + 1]
-        np.dot(h, u, out=q)
+        np.dot(_apply(h, inner), u, out=q)
         q += x[t]
         np.tanh(q, out=q)
-        i_f *= dt(0.5)
-        i_f += dt(0.5)
-        o *= dt(0.5)
-        o += dt(0.5)
+        i_f *= dt.type(0.5)
+        i_f += dt.type(0.5)
+        o *= dt.type(0.5)
+        o += dt.type(0.5)
         np.multiply(f, c, out=c_out)
         np.multiply(i, g, out=tmp)
         c_out += tmp
@@ -201,13 +232,15 @@ def scan(cell: RNNCell, wx: torch.Tensor, state, last: torch.Tensor | None = Non
         last: ``[B]`` index of each sequence's last step, or ``None`` for ``T - 1``.
 
     Returns:
-        ``(states [T, B, H], final state)`` as in :func:`str_rnn.fused.fused_scan`.
+        ``(states [T, B, H], final state)``: ``states[t] = h_{t+1}``; the final state
+        (``[B, H]``, or ``(h, c)``) is taken at ``last``.
     """
-    X = _np(wx.contiguous())
+    X = wx.detach().contiguous().numpy()
     idx = None if last is None else last.cpu().numpy()
     loop = _LOOPS[type(cell)]
+    merge = X.shape[0] >= MERGE_STEPS
     if cell.has_cell_state:
-        S, _, h_n, c_n = loop(cell, X, _np(state[0]), _np(state[1]), idx)
+        S, _, h_n, c_n = loop(cell, X, _np(state[0], X.dtype), _np(state[1], X.dtype), idx, merge)
         return torch.from_numpy(S)[1:], (torch.from_numpy(h_n), torch.from_numpy(c_n))
-    S, h_n = loop(cell, X, _np(state), idx)
+    S, h_n = loop(cell, X, _np(state, X.dtype), idx, merge)
     return torch.from_numpy(S)[1:], torch.from_numpy(h_n)

@@ -37,6 +37,7 @@ from .serialize import atomic_write_bytes
 try:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import LogFormatter
 except ImportError as e:  # pragma: no cover - matplotlib is an optional dependency
     raise ImportError("str_rnn.plots needs matplotlib: pip install 'str_rnn[plot]'") from e
 
@@ -47,6 +48,7 @@ FORMATS = ("png", "pdf")
 SIZES = ("params", "bytes", "flops", "rank")
 AXIS_LABELS = {"params": "effective parameters (compacted model)", "bytes": "model size (bytes, 32-bit)",
                "flops": "FLOPs per sequence", "rank": "r_W + r_U (ranks summed over layers)"}
+UNITS = {"params": "params", "bytes": "bytes", "flops": "FLOPs", "rank": "= r_W + r_U"}
 MODE_STYLE = {  # marker, line style, description
     "str": ("o", "-", "learned rank (STR)"),
     "fixed": ("s", "--", "fixed rank"),
@@ -247,23 +249,27 @@ def plot_accuracy_vs_size(rows: list[dict], out_base, *, x: str = "params", whic
                 ax.axhline(p["y"], color=color, ls="--", lw=1)
                 ax.axhspan(p["y"] - p["yerr"], p["y"] + p["yerr"], color=color, alpha=0.12, lw=0)
                 ax.errorbar([p["x"]], [p["y"]], yerr=[p["yerr"]], color=color, marker=marker, ls="none", capsize=3,
-                            label=f"{label} ({p['x']:,.0f}): {p['y']:.1f} ± {p['yerr']:.1f}%, n={p['n']}")
+                            label=f"{label} ({p['x']:,.0f} {UNITS[x]}): {p['y']:.1f} ± {p['yerr']:.1f}%, n={p['n']}")
             continue
         ax.errorbar([p["x"] for p in points], [p["y"] for p in points], xerr=[p["xerr"] for p in points],
                     yerr=[p["yerr"] for p in points], color=color, marker=marker, ls=line, capsize=3,
                     label=f"{label} (n={seeds} seed{'s' if seeds > 1 else ''})")
         for p in points:
-            text = f"({p['ranks'][0]:.0f},{p['ranks'][1]:.0f})"
+            text = "({},{})".format(*(f"{r:.0f}" if r == round(r) else f"{r:.1f}" for r in p["ranks"]))
             if mode == "str" and p["variant"]:
                 text = f"{_variant_label(p['variant'])}\n{text}"
             ax.annotate(text, (p["x"], p["y"]), textcoords="offset points", xytext=(4, -10 if mode == "fixed" else 5),
                         fontsize=6.5, color=color)
     if xs_all:
         ax.set_xscale("log")
+        # plain numbers (600, 2000) read better than 6×10² on a size axis
+        ax.xaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     ax.set_xlabel(AXIS_LABELS[x])
     ax.set_ylabel(f"test accuracy (%), {'last' if which == 'final' else 'selected'} epoch")
     task = rows[0].get("task", "")
-    ax.set_title(title or f"{task}: accuracy vs {x} (mean ± std over seeds)", fontsize=10)
+    ax.set_title(title or f"{task}: test accuracy vs {AXIS_LABELS[x].split(' (')[0]} (mean ± std over seeds)",
+                 fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     return _save(fig, Path(out_base))

@@ -22,6 +22,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import fused as _fused
 from . import infer as _infer
+from . import stream as _stream
 from .cells import CELLS, RNNCell, cell_class
 
 
@@ -229,12 +230,37 @@ class RNN(nn.Module):
             ``(h_t [B, hidden] of the top layer, new state)``.
         """
         states = self._initial_states(state, x_t.shape[0], x_t)
+        plan = self._stream_plan(x_t, states)
+        if plan is not None:
+            return plan.step(x_t, states)
         out, new = x_t, []
         for cell, s in zip(self.layers, states):
             s = cell(out, s)
             new.append(s)
             out = RNNCell.output(s)
         return out, self._stack_states(new)
+
+    def _stream_plan(self, x_t: torch.Tensor, states):
+        """The prepared NumPy step for ``x_t`` (:mod:`str_rnn.stream`), or None where it does
+        not apply: reference loop requested, gradients needed, not a small float CPU batch."""
+        if not (self.fused and x_t.device.type == "cpu" and x_t.dtype in (torch.float32, torch.float64)
+                and x_t.dim() == 2 and x_t.shape[0] <= _infer.MAX_BATCH) or _infer.needs_grad(self, x_t, states):
+            return None
+        if x_t.shape[1] != self.input_size:
+            raise ValueError(f"x_t has shape {tuple(x_t.shape)}; expected (batch, input_size={self.input_size})")
+        plan = self.__dict__.get("_stream_cache")
+        if plan is None or not plan.valid_for(self, x_t.dtype):
+            if not _stream.supports(self):
+                return None
+            # held in __dict__, not as a submodule or buffer: never saved, copied or moved
+            plan = self.__dict__["_stream_cache"] = _stream.StreamPlan(self, x_t.dtype)
+        return plan
+
+    def __getstate__(self):
+        # the streaming plan holds views of this model's parameters: never copy or pickle it
+        state = self.__dict__.copy()
+        state.pop("_stream_cache", None)
+        return state
 
     def spec(self) -> dict:
         return {"type": "RNN", "cell": self.cell, "batch_first": self.batch_first,

@@ -65,6 +65,7 @@ PLAN = "sweep.json"
 RESULTS = "results.csv"
 ERROR = "error.txt"
 CONFIGS = "configs"  # job config files written by write_jobs
+RESERVED = (CONFIGS, "plots")  # folders of a sweep that are not groups (plots: str-rnn plot's default)
 PLAN_FORMAT = 1
 
 SWEEP_KEYS = {"description": str, "out": str, "base": dict, "seeds": list, "groups": list,
@@ -265,9 +266,9 @@ def load_sweep(config, *, out=None, overrides: dict | None = None) -> Sweep:
         name = group.get("name")
         if name is None:
             raise ValueError(f"{here}: key 'name' is missing")
-        if not _NAME_OK.match(name) or name == CONFIGS:
+        if not isinstance(name, str) or not _NAME_OK.match(name) or name in RESERVED:
             raise ValueError(f"{here}: name {name!r} must be a folder name of letters, digits, '_.+-' "
-                             f"(and not {CONFIGS!r})")
+                             f"(and not {' or '.join(RESERVED)})")
         if name in names:
             raise ValueError(f"{here}: group name {name!r} is used twice")
         names.add(name)

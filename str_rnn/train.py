@@ -66,7 +66,8 @@ from .optim import param_groups
 from .rnn import RNN
 from .serialize import save
 
-__all__ = ["train", "evaluate", "load_splits", "build_model", "split_statistics", "make_optimizer",
+__all__ = ["train", "evaluate", "count_correct", "load_splits", "build_model", "split_statistics",
+           "make_optimizer", "make_scheduler", "apply_decay", "grad_norm", "reorthogonalize",
            "NonFiniteError", "TrainingInterrupted"]
 
 CHECKPOINT_VERSION = 1
@@ -102,8 +103,9 @@ def split_statistics(dataset) -> tuple[torch.Tensor, torch.Tensor, int]:
     from .features import feature_stats
 
     mean, std = feature_stats(dataset)
-    lengths = [len(dataset[i][0]) for i in range(len(dataset))]
-    return mean, std, max(1, round(sum(lengths) / len(lengths)))
+    offsets = getattr(dataset, "offsets", None)  # a FeatureDataset's frame store: no item reads
+    lengths = np.diff(offsets) if offsets is not None else [len(dataset[i][0]) for i in range(len(dataset))]
+    return mean, std, max(1, round(float(np.mean(lengths))))
 
 
 def build_model(config: TrainConfig, input_size: int, num_classes: int, mean=None, std=None) -> SequenceClassifier:

@@ -66,10 +66,10 @@ def _run(model, x, state, lengths, loss_on):
     torch.manual_seed(123)  # the same loss weights for both models
     loss = 0.0
     if loss_on in ("outputs", "both"):
-        loss = loss + (out * torch.randn_like(out)).sum()
+        loss = loss + (out * torch.randn(out.shape, dtype=out.dtype).to(out.device)).sum()
     if loss_on in ("final", "both"):
         for s in _parts(h_n):
-            loss = loss + (s * torch.randn_like(s)).sum()
+            loss = loss + (s * torch.randn(s.shape, dtype=s.dtype).to(s.device)).sum()
     loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
     for i, s in enumerate(state):

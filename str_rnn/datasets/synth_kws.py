@@ -76,6 +76,13 @@ _BACKGROUND_SECONDS = 60
 ACCENTS = ("en", "en-029", "en-GB-scotland", "en-GB-x-gbclan", "en-GB-x-gbcwmd",
            "en-GB-x-rp", "en-US", "en-US-nyc")
 
+# libespeak-ng 1.52 crashes (segfault) when a low pitch and a wide pitch range drive F0
+# below its floor on low-voiced variants (rob, Demonic, Annie at range >= 83). Every
+# English voice x variant was stress-tested without a crash at the corners of these bounds
+# (pitch 12 and 92 with range 10, 45 and 72, rates 95 and 450).
+_PITCH = (12, 92)  # espeak pitch of any take
+_PITCH_JITTER = 8  # a take's pitch is the speaker's +- this
+_RANGE = (10, 72)  # espeak pitch range of any speaker
 _MARKER = ".synth_kws"  # written first into every corpus folder this module builds
 _MANIFEST = "manifest.json"
 # espeak's 22,050 Hz -> 16 kHz is 320/441; the speaker's vocal-tract factor scales 441.
@@ -157,8 +164,8 @@ def _draw_speakers(n: int, seed: int, variants: list[str]) -> list[Speaker]:
             index=i, id=sid, split=split,
             accent=str(r.choice(ACCENTS)),
             variant=str(choices[int(r.integers(len(choices)))]),
-            pitch=int(r.integers(10, 91)),
-            pitch_range=int(r.integers(10, 96)),
+            pitch=int(r.integers(_PITCH[0] + _PITCH_JITTER, _PITCH[1] - _PITCH_JITTER + 1)),
+            pitch_range=int(r.integers(_RANGE[0], _RANGE[1] + 1)),
             rate=int(round(math.exp(r.uniform(math.log(115), math.log(250))))),
             tract_down=int(round(_DOWN * r.uniform(0.88, 1.13))),
             highpass_hz=round(float(math.exp(r.uniform(math.log(50), math.log(400)))), 1),
@@ -356,7 +363,8 @@ def _speaker_job(args) -> list[dict]:
                 # Draw every take parameter first, in a fixed order, so that the stream
                 # does not depend on what the synthesis turns out to need.
                 rate = int(np.clip(round(sp.rate * rng.uniform(0.85, 1.2)), 80, 450))
-                pitch = int(np.clip(sp.pitch + rng.integers(-8, 9), 0, 99))
+                pitch = int(np.clip(sp.pitch + rng.integers(-_PITCH_JITTER, _PITCH_JITTER + 1),
+                                    *_PITCH))
                 punct = str(rng.choice([".", "?", "!"], p=[0.6, 0.2, 0.2]))
                 espeak_seed = int(rng.integers(2**31))
                 where = float(rng.random())
@@ -405,7 +413,7 @@ def _babble(seconds: float, rng: np.random.Generator, variants: list[str], talke
     with Espeak() as tts:
         for _ in range(talkers):
             voice, variant = str(rng.choice(ACCENTS)), str(rng.choice(variants))
-            pitch, rate = int(rng.integers(10, 91)), int(rng.integers(130, 220))
+            pitch, rate = int(rng.integers(_PITCH[0], _PITCH[1] + 1)), int(rng.integers(130, 220))
             pieces, length = [], 0
             while length < n_raw:
                 pause = np.zeros(int(rng.integers(0, 22050 // 2)))
@@ -535,6 +543,8 @@ def generate(out_dir: str | os.PathLike, *, speakers: int = DEFAULT_SPEAKERS, se
 
 def _build(root: Path, config: dict, workers: int | None, progress: bool) -> None:
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     import scipy
     from tqdm import tqdm
@@ -582,12 +592,20 @@ def _build(root: Path, config: dict, workers: int | None, progress: bool) -> Non
                 bar.update()
         else:
             # fork keeps start-up cheap; each job loads its own espeak, so fork is safe.
+            # A process pool executor (not multiprocessing.Pool, which waits forever for
+            # the result of a worker that died) turns a crash in the C library into an error.
             methods = mp.get_all_start_methods()
             ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-            with ctx.Pool(workers, _init_worker, (clip_babble,)) as pool:
-                for r in pool.imap_unordered(_speaker_job, jobs, chunksize=4):
-                    rows.extend(r)
-                    bar.update()
+            with ProcessPoolExecutor(workers, ctx, _init_worker, (clip_babble,)) as pool:
+                try:
+                    for r in pool.map(_speaker_job, jobs, chunksize=4):
+                        rows.extend(r)
+                        bar.update()
+                except BrokenProcessPool as err:
+                    raise RuntimeError(
+                        "a synth_kws worker process died, most likely because libespeak-ng "
+                        "crashed on a voice setting; please report the seed and speakers "
+                        "arguments") from err
     finally:
         bar.close()
     rows.sort(key=lambda r: r["path"])
