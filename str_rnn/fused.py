@@ -119,52 +119,62 @@ def project(matrix: Matrix, x: torch.Tensor, bias: torch.Tensor | None = None,
 # ---------------------------------------------------------------------------------------
 # shared pieces of the scans (feature-major: a step is [features, batch])
 # ---------------------------------------------------------------------------------------
-def _pre(x_t: torch.Tensor, h: torch.Tensor, left, out=None) -> torch.Tensor:
-    """``x_t + L_n ⋯ L_1 h`` with ``left = (L_1, ..., L_n) = (C_1ᵀ, ..., C_nᵀ)``."""
-    for m in left[:-1]:
-        h = torch.mm(m, h)
-    if out is None:
-        return torch.addmm(x_t, left[-1], h)
-    return torch.addmm(x_t, left[-1], h, out=out)
+class _Chain:
+    r"""The recurrent chain ``(C_1, ..., C_n)`` inside a kernel, and what its products leave.
 
+    Forward: ``pre = x_t + L_n (⋯ (L_1 h))`` with ``L_i = C_iᵀ``; the intermediate products
+    ``y_i = L_i ⋯ L_1 h`` (``i < n``) of every step are written to ``Y[i-1] [T, r_i, B]``.
+    Backward: ``dh = C_1 (⋯ (C_n dpre))``, the intermediates ``e_i = C_{i+1} ⋯ C_n dpre``
+    to ``E[i-1]``. The chain's gradients are then sums of outer products of stored
+    columns, ``dC_i = Σ_t y_{i-1} e_iᵀ`` (``y_0 = h_{t-1}``, ``e_n = dpre``), with no
+    product recomputed: training costs ``3 r (in + out)`` multiply-adds a column against
+    ``3 in·out`` for the dense matrix, the same break-even as the forward pass.
+    """
 
-def _pre_grad(g_t, d: torch.Tensor, right, out=None) -> torch.Tensor:
-    """``g_t + C_1 ⋯ C_n d`` with ``right = (C_n, ..., C_1)``; ``g_t`` may be None."""
-    for m in right[:-1]:
-        d = torch.mm(m, d)
-    if g_t is None:
-        return torch.mm(right[-1], d) if out is None else torch.mm(right[-1], d, out=out)
-    return torch.addmm(g_t, right[-1], d) if out is None else torch.addmm(g_t, right[-1], d, out=out)
+    def __init__(self, chain, steps: int, batch: int, like: torch.Tensor, Y=None):
+        self.chain = chain
+        self.left = [c.mT for c in chain]
+        self.right = list(reversed(chain))
+        if Y is None:
+            Y = [like.new_empty(steps, c.shape[1], batch) for c in chain[:-1]]
+        self.Y = list(Y)
+        self.Ys = [y.unbind(0) for y in self.Y]
+        self.E = self.Es = None
+
+    def inner(self, h: torch.Tensor, t: int) -> torch.Tensor:
+        """``L_{n-1} ⋯ L_1 h``, storing each product for step ``t``."""
+        for m, ys in zip(self.left[:-1], self.Ys):
+            h = torch.mm(m, h, out=ys[t])
+        return h
+
+    def pre(self, x_t: torch.Tensor, h: torch.Tensor, t: int, out=None) -> torch.Tensor:
+        """``x_t + L_n ⋯ L_1 h``."""
+        y = self.inner(h, t)
+        return torch.addmm(x_t, self.left[-1], y) if out is None else torch.addmm(x_t, self.left[-1], y, out=out)
+
+    def back(self, g_t, d: torch.Tensor, t: int, out=None) -> torch.Tensor:
+        """``g_t + C_1 ⋯ C_n d`` (``g_t`` may be None), storing the intermediates for step ``t``."""
+        if self.E is None:
+            self.E = [d.new_empty((len(y),) + y.shape[1:]) for y in self.Y]
+            self.Es = [e.unbind(0) for e in self.E]
+        for m, es in zip(self.right[:-1], reversed(self.Es)):
+            d = torch.mm(m, d, out=es[t])
+        if g_t is None:
+            return torch.mm(self.chain[0], d) if out is None else torch.mm(self.chain[0], d, out=out)
+        return torch.addmm(g_t, self.chain[0], d) if out is None else torch.addmm(g_t, self.chain[0], d, out=out)
+
+    def grads(self, hprev: torch.Tensor, dpre: torch.Tensor, t0: int, t1: int, needs, acc: list) -> None:
+        """Add steps ``t0 .. t1-1`` to the gradients ``acc`` of the chain (where ``needs``)."""
+        ins = [hprev] + [y[t0:t1] for y in self.Y]
+        outs = [e[t0:t1] for e in self.E or ()] + [dpre]
+        for i, need in enumerate(needs):
+            if need:
+                acc[i] = _outer_sum(ins[i], outs[i], acc[i])
 
 
 def _scale_cols(chain, scale: torch.Tensor):
     """The chain with the output columns of its last factor multiplied by ``scale``."""
     return [*chain[:-1], chain[-1] * scale]
-
-
-class _ChainGrad:
-    """Accumulates the gradients of the chain ``(C_1, ..., C_n)`` chunk by chunk.
-
-    With ``P_0 = H_prev`` and ``P_i = C_iᵀ P_{i-1}``: ``dC_i = Σ_t P_{i-1}[t] dP_i[t]ᵀ`` and
-    ``dP_{i-1} = C_i dP_i``, starting from ``dP_n = dpre``.
-    """
-
-    def __init__(self, chain, needs):
-        self.chain, self.needs = chain, list(needs)
-        self.grads = [None] * len(chain)
-
-    def add(self, hprev: torch.Tensor, dpre: torch.Tensor) -> None:
-        if not any(self.needs):
-            return
-        ps = [hprev]
-        for c in self.chain[:-1]:
-            ps.append(_bmm(c.mT, ps[-1]))
-        d = dpre
-        for i in range(len(self.chain) - 1, -1, -1):
-            if self.needs[i]:
-                self.grads[i] = _outer_sum(ps[i], d, self.grads[i])
-            if i > 0 and any(self.needs[:i]):
-                d = _bmm(self.chain[i], d)
 
 
 def _chunks(steps: int):
@@ -287,31 +297,31 @@ class FastGRNNScan(Function):
         S = _states(x, h0)
         Z, HT = torch.empty_like(x), torch.empty_like(x)
         Ss, Zs, HTs = S.unbind(0), Z.unbind(0), HT.unbind(0)
-        left = [c.mT for c in chain]
+        uh = _Chain(chain, x.shape[0], x.shape[2], x)
         h = Ss[0]
         for t in range(x.shape[0]):
-            pre = _pre(xs[t], h, left)
+            pre = uh.pre(xs[t], h, t)
             torch.sigmoid(pre, out=Zs[t])
             ht = torch.addcmul(neg1, torch.add(delta, pre, alpha=2).sigmoid_(), two, out=HTs[t])
             # h_t = c1 h~ + z (h - ζ h~),  c1 = ζ + ν
             u = torch.addcmul(h, ht, neg_zeta)
             h = torch.addcmul(torch.mul(ht, c1), Zs[t], u, out=Ss[t + 1])
-        ctx.save_for_backward(S, Z, HT, last, zeta, nu, *chain)
+        ctx.save_for_backward(S, Z, HT, last, zeta, nu, *chain, *uh.Y)
+        ctx.n_chain = len(chain)
         ctx.set_materialize_grads(False)
         return S[1:], _final(S, last)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dstates, dfinal):
-        S, Z, HT, last, zeta, nu, *chain = ctx.saved_tensors
+        S, Z, HT, last, zeta, nu, *rest = ctx.saved_tensors
         steps = Z.shape[0]
         needs = ctx.needs_input_grad
         neg_zeta, c1 = -zeta, zeta + nu
         g, dh = _external_grads(dstates, dfinal, last, Z)
         DPRE = torch.empty_like(Z)
         DH = _DH(dh, steps)
-        grads = _ChainGrad(chain, needs[6:])
-        right = list(reversed(chain))
+        uh, dchain = _Chain(rest[:ctx.n_chain], steps, Z.shape[2], Z, rest[ctx.n_chain:]), [None] * ctx.n_chain
         sum_kz = sum_dp = dnu = dzeta = None
         for t0, t1 in _chunks(steps):
             hp, z, ht = S[t0:t1], Z[t0:t1], HT[t0:t1]
@@ -320,10 +330,10 @@ class FastGRNNScan(Function):
             for j in range(t1 - t0 - 1, -1, -1):
                 t = t0 + j
                 dp = torch.mul(DH.cur[j], k[j], out=DPRE[t])
-                back = _pre_grad(g[t - 1] if g is not None and t > 0 else None, dp, right)
+                back = uh.back(g[t - 1] if g is not None and t > 0 else None, dp, t)
                 dh = torch.addcmul(back, DH.cur[j], z[j], out=DH.target(j, t0))
             dh_c, dp_c = DH.cur, DPRE[t0:t1]
-            grads.add(hp, dp_c)
+            uh.grads(hp, dp_c, t0, t1, needs[6:], dchain)
             if needs[3]:
                 sum_kz = _acc(sum_kz, _sum_tb(dh_c * kz))
                 sum_dp = _acc(sum_dp, _sum_tb(dp_c))
@@ -335,7 +345,7 @@ class FastGRNNScan(Function):
             DH.advance(t0)
         ddelta = 0.5 * (sum_dp - sum_kz) if needs[3] else None
         return (DPRE if needs[0] else None, None, dh.mT if needs[2] else None, ddelta,
-                dzeta if needs[4] else None, dnu if needs[5] else None, *grads.grads)
+                dzeta if needs[4] else None, dnu if needs[5] else None, *dchain)
 
 
 def _acc(total, part):
@@ -356,29 +366,29 @@ class FastRNNScan(Function):
     def forward(ctx, x, last, h0, alpha, beta, *chain):
         neg1, two = _tanh_consts(x)
         xs = x.unbind(0)
-        left = [c.mT for c in chain]
+        uh = _Chain(chain, x.shape[0], x.shape[2], x)
         S = _states(x, h0)
         HT = torch.empty_like(x)
         Ss, HTs = S.unbind(0), HT.unbind(0)
         h = Ss[0]
         for t in range(x.shape[0]):
-            ht = torch.addcmul(neg1, _pre(xs[t], h, left).sigmoid_(), two, out=HTs[t])
+            ht = torch.addcmul(neg1, uh.pre(xs[t], h, t).sigmoid_(), two, out=HTs[t])
             h = torch.addcmul(torch.mul(h, beta), ht, alpha, out=Ss[t + 1])
-        ctx.save_for_backward(S, HT, last, alpha, beta, *chain)
+        ctx.save_for_backward(S, HT, last, alpha, beta, *chain, *uh.Y)
+        ctx.n_chain = len(chain)
         ctx.set_materialize_grads(False)
         return S[1:], _final(S, last)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dstates, dfinal):
-        S, HT, last, alpha, beta, *chain = ctx.saved_tensors
+        S, HT, last, alpha, beta, *rest = ctx.saved_tensors
         steps = HT.shape[0]
         needs = ctx.needs_input_grad
         g, dh = _external_grads(dstates, dfinal, last, HT)
         DPRE = torch.empty_like(HT)
         DH = _DH(dh, steps)
-        grads = _ChainGrad(chain, needs[5:])
-        right = list(reversed(chain))
+        uh, dchain = _Chain(rest[:ctx.n_chain], steps, HT.shape[2], HT, rest[ctx.n_chain:]), [None] * ctx.n_chain
         dalpha = dbeta = None
         half_alpha = alpha * 0.5
         for t0, t1 in _chunks(steps):
@@ -387,15 +397,15 @@ class FastRNNScan(Function):
             for j in range(t1 - t0 - 1, -1, -1):
                 t = t0 + j
                 dp = torch.mul(DH.cur[j], k[j], out=DPRE[t])
-                back = _pre_grad(g[t - 1] if g is not None and t > 0 else None, dp, right)
+                back = uh.back(g[t - 1] if g is not None and t > 0 else None, dp, t)
                 dh = torch.addcmul(back, DH.cur[j], beta, out=DH.target(j, t0))
-            grads.add(hp, DPRE[t0:t1])
+            uh.grads(hp, DPRE[t0:t1], t0, t1, needs[5:], dchain)
             if needs[3]:
                 dalpha = _acc(dalpha, (DH.cur * ht).sum())
             if needs[4]:
                 dbeta = _acc(dbeta, (DH.cur * hp).sum())
             DH.advance(t0)
-        return (DPRE if needs[0] else None, None, dh.mT if needs[2] else None, dalpha, dbeta, *grads.grads)
+        return (DPRE if needs[0] else None, None, dh.mT if needs[2] else None, dalpha, dbeta, *dchain)
 
 
 # ---------------------------------------------------------------------------------------
@@ -425,33 +435,31 @@ class GRUScan(Function):
         HN, N = torch.empty_like(S[1:]), torch.empty_like(S[1:])
         Ss, RZs, HNs, Ns = S.unbind(0), RZ.unbind(0), HN.unbind(0), N.unbind(0)
         Rs, Zs = RZ[:, :hidden].unbind(0), RZ[:, hidden:].unbind(0)
-        inner = [c.mT for c in chain[:-1]]
+        uh = _Chain(chain, x.shape[0], x.shape[2], x)
         last_rz, last_n = chain[-1][:, :h2].mT, chain[-1][:, h2:].mT
         h = Ss[0]
         for t in range(x.shape[0]):
-            y = h
-            for m in inner:
-                y = torch.mm(m, y)
+            y = uh.inner(h, t)
             torch.addmm(xrz[t], last_rz, y, out=RZs[t]).sigmoid_()
             hn = torch.addmm(bias_n, last_n, y, out=HNs[t])
             n = torch.addcmul(neg1, torch.addcmul(xn[t], Rs[t], hn).sigmoid_(), two, out=Ns[t])
             h = torch.addcmul(n, Zs[t], torch.sub(h, n), out=Ss[t + 1])
-        ctx.save_for_backward(S, RZ, HN, N, last, *chain)
+        ctx.save_for_backward(S, RZ, HN, N, last, *chain, *uh.Y)
+        ctx.n_chain = len(chain)
         ctx.set_materialize_grads(False)
         return S[1:], _final(S, last)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dstates, dfinal):
-        S, RZ, HN, N, last, *chain = ctx.saved_tensors
+        S, RZ, HN, N, last, *rest = ctx.saved_tensors
         steps, hidden, batch = N.shape
         needs = ctx.needs_input_grad
         g, dh = _external_grads(dstates, dfinal, last, N)
         DHG = N.new_empty(steps, 3, hidden, batch)  # d(h_r, h_z, h'_n), then d x'
         DHG2 = DHG.view(steps, 3 * hidden, batch)
         DH = _DH(dh, steps)
-        grads = _ChainGrad(chain, needs[4:])
-        right = list(reversed(chain))
+        uh, dchain = _Chain(rest[:ctx.n_chain], steps, batch, N, rest[ctx.n_chain:]), [None] * ctx.n_chain
         dbias_n = None
         for t0, t1 in _chunks(steps):
             hp, r, z, n = S[t0:t1], RZ[t0:t1, :hidden], RZ[t0:t1, hidden:], N[t0:t1]
@@ -463,15 +471,15 @@ class GRUScan(Function):
             for j in range(t1 - t0 - 1, -1, -1):
                 t = t0 + j
                 torch.mul(DH.cur[j], K[j], out=DHG[t])
-                back = _pre_grad(g[t - 1] if g is not None and t > 0 else None, DHG2[t], right)
+                back = uh.back(g[t - 1] if g is not None and t > 0 else None, DHG2[t], t)
                 dh = torch.addcmul(back, DH.cur[j], z[j], out=DH.target(j, t0))
-            grads.add(hp, DHG2[t0:t1])
+            uh.grads(hp, DHG2[t0:t1], t0, t1, needs[4:], dchain)
             if needs[3]:
                 dbias_n = _acc(dbias_n, _sum_tb(DHG[t0:t1, 2]))
             # d x' differs from d(h_r, h_z, h'_n) only in the n rows: dh K^n without r
             torch.mul(DH.cur, kn, out=DHG[t0:t1, 2])
             DH.advance(t0)
-        return (DHG2 if needs[0] else None, None, dh.mT if needs[2] else None, dbias_n, *grads.grads)
+        return (DHG2 if needs[0] else None, None, dh.mT if needs[2] else None, dbias_n, *dchain)
 
 
 # ---------------------------------------------------------------------------------------
@@ -493,7 +501,7 @@ class LSTMScan(Function):
         hidden = h0.shape[1]
         neg1, two = _tanh_consts(x)
         xs = x.unbind(0)
-        left = [c.mT for c in chain]
+        uh = _Chain(chain, x.shape[0], x.shape[2], x)
         S, C = _states(x, h0), _states(x, c0)
         SG = torch.empty_like(x)           # σ(i), σ(f), tanh(g), σ(o)
         TC = torch.empty_like(S[1:])       # tanh(c_t)
@@ -501,19 +509,20 @@ class LSTMScan(Function):
         Is, Fs, Gs, Os = (SG[:, j * hidden:(j + 1) * hidden].unbind(0) for j in range(4))
         h, c = Ss[0], Cs[0]
         for t in range(x.shape[0]):
-            torch.sigmoid(_pre(xs[t], h, left), out=SGs[t])
+            torch.sigmoid(uh.pre(xs[t], h, t), out=SGs[t])
             torch.addcmul(neg1, Gs[t], two, out=Gs[t])
             c = torch.addcmul(torch.mul(Fs[t], c), Is[t], Gs[t], out=Cs[t + 1])
             tc = torch.addcmul(neg1, torch.add(c, c).sigmoid_(), two, out=TCs[t])
             h = torch.mul(Os[t], tc, out=Ss[t + 1])
-        ctx.save_for_backward(S, C, SG, TC, last, *chain)
+        ctx.save_for_backward(S, C, SG, TC, last, *chain, *uh.Y)
+        ctx.n_chain = len(chain)
         ctx.set_materialize_grads(False)
         return S[1:], _final(S, last), _final(C, last)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dstates, dh_final, dc_final):
-        S, C, SG, TC, last, *chain = ctx.saved_tensors
+        S, C, SG, TC, last, *rest = ctx.saved_tensors
         steps, hidden, batch = TC.shape
         needs = ctx.needs_input_grad
         g, dh = _external_grads(dstates, dh_final, last, TC)
@@ -527,8 +536,7 @@ class LSTMScan(Function):
         DG2 = DG.view(steps, 4 * hidden, batch)
         DH = _DH(dh, steps)
         DC = TC.new_empty(min(CHUNK, steps), hidden, batch)
-        grads = _ChainGrad(chain, needs[4:])
-        right = list(reversed(chain))
+        uh, dchain = _Chain(rest[:ctx.n_chain], steps, batch, TC, rest[ctx.n_chain:]), [None] * ctx.n_chain
         for t0, t1 in _chunks(steps):
             i, f, gg, o = (SG[t0:t1, j * hidden:(j + 1) * hidden] for j in range(4))
             tc = TC[t0:t1]
@@ -548,11 +556,11 @@ class LSTMScan(Function):
                     dc = torch.mul(DC[j], f[j])
                 else:
                     dc = torch.addcmul(dc_in[t - 1], DC[j], f[j])
-                dh = _pre_grad(g[t - 1] if g is not None and t > 0 else None, DG2[t], right, out=DH.target(j, t0))
-            grads.add(S[t0:t1], DG2[t0:t1])
+                dh = uh.back(g[t - 1] if g is not None and t > 0 else None, DG2[t], t, out=DH.target(j, t0))
+            uh.grads(S[t0:t1], DG2[t0:t1], t0, t1, needs[4:], dchain)
             DH.advance(t0)
         return (DG2 if needs[0] else None, None, dh.mT if needs[2] else None, dc.mT if needs[3] else None,
-                *grads.grads)
+                *dchain)
 
 
 # ---------------------------------------------------------------------------------------

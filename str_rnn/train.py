@@ -104,7 +104,9 @@ def split_statistics(dataset) -> tuple[torch.Tensor, torch.Tensor, int]:
 
     mean, std = feature_stats(dataset)
     offsets = getattr(dataset, "offsets", None)  # a FeatureDataset's frame store: no item reads
-    lengths = np.diff(offsets) if offsets is not None else [len(dataset[i][0]) for i in range(len(dataset))]
+    lengths = getattr(dataset, "lengths", None)  # augmented datasets know their lengths too
+    if lengths is None:
+        lengths = np.diff(offsets) if offsets is not None else [len(dataset[i][0]) for i in range(len(dataset))]
     return mean, std, max(1, round(float(np.mean(lengths))))
 
 
@@ -400,6 +402,8 @@ class _Trainer:
         c, dist = self.config, self.dist
         self.net.train()
         self.sampler.set_epoch(self.epoch)  # the shuffle is a function of (seed, epoch): resumable
+        if hasattr(self.splits["train"], "set_epoch"):
+            self.splits["train"].set_epoch(self.epoch)  # a fresh augmentation draw per epoch
         params = [p for p in self.model.parameters() if p.requires_grad]
         loss_sum = correct = count = skipped = 0
         norm_max = 0.0

@@ -233,3 +233,28 @@ def test_dataset_validates_its_arrays():
         HARDataset(windows[:, :100], [1, 2], "har6")
     ds = HARDataset(windows, [2, 5], "har2", subjects=[3, 4])
     assert ds.targets == [0, 1] and ds.subset(np.array([False, True])).subjects.tolist() == [4]
+
+
+def test_official_test_npz_loads_as_test_split():
+    npz = Path(__file__).resolve().parents[2] / "shared" / "data" / "uci_har_test" / "uci_har_test_full.npz"
+    if not npz.is_file():
+        pytest.skip("shared UCI HAR test split not present")
+    from str_rnn.datasets import load
+
+    ds = load("har2", "test", root=npz)
+    assert len(ds) == 2947
+    x, y = ds[0]
+    assert tuple(x.shape) == (128, 9)
+    raw = np.load(npz)
+    assert np.allclose(np.asarray(x), raw["X"][0].T)
+    expected = np.isin(raw["y"], [5, 1, 3]).astype(int)
+    assert list(ds.targets) == expected.tolist()
+    with pytest.raises(ValueError, match="no 'train' split"):
+        load("har2", "train", root=npz)
+
+
+def test_npz_with_wrong_arrays_names_the_file(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, X=np.zeros((3, 5, 128), np.float32), y=np.ones(3))
+    with pytest.raises(ValueError, match="bad.npz"):
+        load_har("har6", "test", root=bad)

@@ -195,6 +195,14 @@ class Espeak:
         lib.espeak_Synth.restype = ctypes.c_int
         lib.espeak_Terminate.restype = ctypes.c_int
         self._lib = lib
+        # Some voices (Klatt with breath, e.g. the variant caleb) draw noise from the C
+        # library's rand(), whose state lives in libc, not in libespeak-ng: seed it too.
+        self._srand = None
+        if sys.platform != "win32":
+            libc = ctypes.CDLL(None)
+            self._srand = libc.srand
+            self._srand.argtypes = [ctypes.c_uint]
+            self._srand.restype = None
         data = loader.get_data_path()
         rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data.encode(), _INITIALIZE_DONT_EXIT)
         if rate <= 0:
@@ -275,8 +283,8 @@ class Espeak:
             pitch_range: pitch range, 0–99 (0 = monotone, default 50).
             volume: 0–200 (default 100).
             wordgap: extra pause between words in units of 10 ms.
-            seed: seed of espeak's internal random generator (breathy and Klatt voices
-                draw noise from it).
+            seed: seed of espeak's random generator and of the C library's ``rand()``
+                (breathy and Klatt voices draw noise from them).
 
         Raises:
             ValueError: a parameter is out of range or the voice is unknown.
@@ -295,6 +303,8 @@ class Espeak:
                 raise ValueError(f"{arg}={value!r} is outside espeak-ng's range [{lo}, {hi}]")
             lib.espeak_SetParameter(_PARAMS[key], int(value), 0)
         lib.espeak_ng_SetRandSeed(int(seed) & 0x7FFFFFFF)
+        if self._srand is not None:
+            self._srand(int(seed) & 0x7FFFFFFF)
         self._chunks = []
         buf = text.encode("utf-8") + b"\0"
         err = lib.espeak_Synth(buf, len(buf), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)

@@ -288,6 +288,31 @@ def carve(dataset: HARDataset, split: str, val_volunteers: Sequence[int] = VAL_V
     return dataset.subset(val if split == "val" else ~val)
 
 
+def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read test windows stored as ``X`` (``[N, 9, 128]`` or ``[N, 128, 9]``) and ``y`` (1..6).
+
+    This is the layout of the complete official UCI HAR test split kept in
+    ``shared/data/uci_har_test/uci_har_test_full.npz`` (channels in :data:`CHANNELS` order).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: ``X`` or ``y`` missing or of the wrong shape (the message names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such .npz file of HAR test windows")
+    with np.load(path) as z:
+        if "X" not in z or "y" not in z:
+            raise ValueError(f"{path}: expected arrays 'X' and 'y', found {', '.join(z.files) or 'none'}")
+        x, y = z["X"], z["y"].astype(np.int64).reshape(-1)
+    if x.ndim == 3 and x.shape[1:] == (len(CHANNELS), WINDOW):
+        x = x.transpose(0, 2, 1)
+    if x.ndim != 3 or x.shape[1:] != (WINDOW, len(CHANNELS)) or len(x) != len(y):
+        raise ValueError(f"{path}: X has shape {x.shape} and y {y.shape}; expected X [N, 9, 128] or "
+                         f"[N, 128, 9] and y [N]")
+    return x, y
+
+
 def load_har(task: str, split: str, root: str | os.PathLike | None = None, *, progress: bool = True,
              carve_val: bool = True, val_volunteers: Sequence[int] = VAL_VOLUNTEERS,
              **options) -> HARDataset:
@@ -296,8 +321,9 @@ def load_har(task: str, split: str, root: str | os.PathLike | None = None, *, pr
     Args:
         task: ``har6 | har2``.
         split: ``train | val | test``; ``val`` is carved from the official ``train``.
-        root: the official archive (the folder holding ``UCI HAR Dataset/`` or that folder);
-            ``None`` uses the windows built from the HAPT recordings (:mod:`.hapt`).
+        root: the official archive (the folder holding ``UCI HAR Dataset/`` or that folder),
+            a ``.npz`` of test windows (see :func:`read_npz`; split ``test`` only), or
+            ``None``, which uses the windows built from the HAPT recordings (:mod:`.hapt`).
         progress: show a progress bar while reading or building.
         carve_val: hold ``val`` out of ``train`` (default); ``False`` returns the official
             ``train`` split whole and makes ``val`` an error.
@@ -326,6 +352,12 @@ def load_har(task: str, split: str, root: str | os.PathLike | None = None, *, pr
         bad = unknown or ["out_dir (only with root=None)"]
         raise ValueError(f"option(s) {', '.join(bad)} mean nothing for {task}; "
                          f"expected progress, carve_val, val_volunteers, out_dir")
+    if root is not None and Path(root).suffix == ".npz":
+        if split != "test":
+            raise ValueError(f"root={str(root)!r} is a .npz of test windows; it has no {split!r} split")
+        windows, activities = read_npz(root)
+        files = [f"{Path(root).name}:{row}" for row in range(len(activities))]
+        return HARDataset(windows, activities, task, files=files)
     if root is None:
         from .hapt import load_hapt_split
 
