@@ -66,18 +66,27 @@ def prune_to_rank(m: LowRankSTR, rank: int) -> None:
 def training_models(args) -> dict[str, nn.Module]:
     """The models timed in a training step, by display name."""
     i, h = args.input, args.hidden
-    low = RNN("fastgrnn", i, h)
-    prune_to_rank(low.layers[0].W, min(args.rank_w, low.layers[0].W.max_rank))
-    prune_to_rank(low.layers[0].U, min(args.rank_u, low.layers[0].U.max_rank))
-    return {
+
+    def pruned(rank_w, rank_u):
+        rnn = RNN("fastgrnn", i, h)
+        prune_to_rank(rnn.layers[0].W, min(rank_w, rnn.layers[0].W.max_rank))
+        prune_to_rank(rnn.layers[0].U, min(rank_u, rnn.layers[0].U.max_rank))
+        return rnn
+
+    models = {
         "torch.nn.GRU": nn.GRU(i, h, batch_first=True),
         "torch.nn.LSTM": nn.LSTM(i, h, batch_first=True),
         "STR FastGRNN full rank": RNN("fastgrnn", i, h),
-        f"STR FastGRNN ranks ({args.rank_w}, {args.rank_u})": low,
+        f"STR FastGRNN ranks ({args.rank_w}, {args.rank_u})": pruned(args.rank_w, args.rank_u),
+    }
+    for rw, ru in args.extra_ranks:
+        models[f"STR FastGRNN ranks ({rw}, {ru})"] = pruned(rw, ru)
+    models.update({
         "STR GRU full rank": RNN("gru", i, h),
         "STR LSTM full rank": RNN("lstm", i, h),
         "FastGRNN reference loop": RNN("fastgrnn", i, h, fused=False),
-    }
+    })
+    return models
 
 
 def last_state(h_n) -> torch.Tensor:
@@ -252,7 +261,7 @@ def run(args) -> dict:
     ]
     checks = {">=": lambda v, t: v >= t, ">": lambda v, t: v > t, "<=": lambda v, t: v <= t}
     return {
-        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "no_progress")},
         "machine": machine(),
         "train_ms": {k: median_ms(v) for k, v in train.items()},
         "memory_mib": {k: {kk: vv / 2**20 for kk, vv in v.items()} for k, v in memory.items()},
@@ -312,6 +321,19 @@ def write_json(path: Path, obj) -> None:
         raise
 
 
+def _rank_pairs(text: str) -> list[tuple[int, int]]:
+    pairs = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        try:
+            rw, ru = (int(v) for v in part.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected 'r_W,r_U' (two integers)") from None
+        if rw < 1 or ru < 1:
+            raise argparse.ArgumentTypeError(f"{part!r}: ranks must be positive")
+        pairs.append((rw, ru))
+    return pairs
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -326,11 +348,14 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=100, help="hidden units")
     p.add_argument("--rank-w", type=int, default=12, help="active rank of W for target 2")
     p.add_argument("--rank-u", type=int, default=40, help="active rank of U for target 2")
+    p.add_argument("--extra-ranks", type=_rank_pairs, default="9,24",
+                   help="more (r_W, r_U) pairs timed for information, e.g. '9,24;4,10' ('' for none)")
     p.add_argument("--seed", type=int, default=0, help="random seed of weights and inputs")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    args.progress = not args.no_progress
     if args.quick:
         args.repeats, args.steps, args.infer_factor = 3, 20, 1
     for name in ("repeats", "threads", "batch", "steps", "input", "hidden", "rank_w", "rank_u", "infer_factor"):

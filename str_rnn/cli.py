@@ -102,6 +102,14 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("config", metavar="CONFIG", help="sweep configuration file")
     w.add_argument("--workers", type=int, default=None,
                    help="runs in parallel (default: chosen by the sweep from the CPU count)")
+    w.add_argument("--threads-per-worker", type=int, default=None,
+                   help="torch threads in each worker (default: the sweep file's, else 1)")
+    w.add_argument("--out", metavar="DIR", default=None, help="sweep folder (default: the sweep file's `out`)")
+    w.add_argument("--jobs", metavar="FILE", default=None,
+                   help="do not run: write one shell command per unfinished run to FILE, for any scheduler "
+                        "or several machines (collect afterwards with `str-rnn sweep CONFIG --collect`)")
+    w.add_argument("--collect", action="store_true",
+                   help="do not run: gather the runs' result files into results.csv")
     w.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
     pl = sub.add_parser("plot", formatter_class=fmt, help="plot rank/params/FLOPs against accuracy",
@@ -259,7 +267,18 @@ def _cmd_sweep(args) -> int:
     run_sweep = _optional_import("sweep", "run_sweep", "sweep")
     if not Path(args.config).is_file():
         raise FileNotFoundError(f"sweep config {args.config} not found")
-    results = run_sweep(args.config, workers=args.workers, progress=args.progress)
+    if args.jobs:
+        from .sweep import write_jobs
+
+        print(f"jobs: {write_jobs(args.config, args.jobs, out=args.out)}")
+        return 0
+    if args.collect:
+        from .sweep import collect, load_sweep
+
+        print(f"results: {collect(args.out or load_sweep(args.config).out)}")
+        return 0
+    results = run_sweep(args.config, workers=args.workers, threads_per_worker=args.threads_per_worker,
+                        out=args.out, progress=args.progress)
     print(f"results: {results}")
     return 0
 

@@ -8,10 +8,15 @@ active factors, or one dense matrix when that is cheaper, see
 Two implementations of the time loop, with equal outputs and gradients:
 
 * the **fused** path (default, ``RNN(..., fused=True)``): one autograd node per layer with
-  a hand-written backward through time (:mod:`str_rnn.fused`), and, when no gradient is
-  needed, a lean inference loop (:mod:`str_rnn.infer`);
+  a hand-written backward through time (:mod:`str_rnn.fused`); when no gradient is
+  needed and the batch is small (CPU), NumPy loops for whole sequences
+  (:mod:`str_rnn.infer`) and a prepared plan for :meth:`RNN.step` (:mod:`str_rnn.stream`);
 * the **reference** loop :func:`scan` (``fused=False``): plain autograd through every
   step, the definition the fused path is tested against.
+
+The flag is per model (no global switch). Outputs of the fused path are views of
+feature-major ``[T, H, B]`` buffers (non-contiguous, as ``torch.nn.GRU``'s batch-first
+outputs are too); call ``.contiguous()`` before ``.view``.
 """
 from __future__ import annotations
 
@@ -220,6 +225,10 @@ class RNN(nn.Module):
 
     def step(self, x_t: torch.Tensor, state=None):
         """Streaming inference: advance every layer by one step.
+
+        Without gradients on a small float CPU batch this runs a prepared NumPy plan
+        (:class:`str_rnn.stream.StreamPlan`, kept on the model and rebuilt whenever its
+        parameters move or are replaced); otherwise every cell steps with autograd.
 
         Args:
             x_t: ``[B, input_size]``.

@@ -12,10 +12,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from str_rnn import CELLS, RNN, compact
 from str_rnn import fused as fused_mod
+from str_rnn import fused_ops
 from str_rnn import infer as infer_mod
 from str_rnn.lowrank import LowRankSTR
 
-F, H = 4, 6
+F, H = 8, 6
 # longer than one backward chunk, so chunk boundaries are crossed
 T = fused_mod.CHUNK + 5
 B = 3
@@ -37,9 +38,11 @@ def _model(cell: str, matrix: str, num_layers: int) -> RNN:
     rnn = RNN(cell, F, H, num_layers=num_layers, matrix=kind, fused=False, **kwargs).double()
     if matrix == "str-pruned":
         for layer in rnn.layers:
-            _prune(layer.W, 2)
-            _prune(layer.U, 2)
-            assert len(layer.U.chain()) == 2  # the factored path is what is tested
+            _prune(layer.W, 1)
+            _prune(layer.U, 1)
+            # the factored path of the kernels is what is tested
+            assert len(fused_ops.chain(layer.W, fused_ops.INPUT_FACTORED_MAX)) == 2
+            assert len(fused_ops.chain(layer.U)) == 2
     with torch.no_grad():  # move the biases and scalars off their round initial values
         for name, p in rnn.named_parameters():
             if name.endswith(("bias_z", "bias_h", "bias", "zeta", "nu", "alpha", "beta")):
@@ -288,3 +291,21 @@ def test_cuda_fused_equals_reference(cell):
     with torch.no_grad():  # inference on the device takes the fused kernels, not NumPy
         out, _ = fast(x[:1])
     assert out.device.type == "cuda"
+
+
+def test_streaming_plan_follows_weight_changes_and_is_not_copied():
+    rnn = compact(RNN("fastgrnn", F, H))
+    x = torch.randn(2, F)
+    with torch.no_grad():
+        first, _ = rnn.step(x)
+        rnn.layers[0].bias_h.data.add_(1.0)  # in place, even through .data: the plan reads the same memory
+        second, _ = rnn.step(x)
+        rnn.layers[0].bias_h = torch.nn.Parameter(rnn.layers[0].bias_h.detach() - 1.0)  # replaced
+        third, _ = rnn.step(x)
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(third, first)
+    ref = copy.deepcopy(rnn)
+    assert "_stream_cache" in rnn.__dict__ and "_stream_cache" not in ref.__dict__
+    ref.fused = False
+    with torch.no_grad():
+        torch.testing.assert_close(ref.step(x)[0], third)
