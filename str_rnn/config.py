@@ -94,6 +94,9 @@ class OptimConfig:
                                  "exceeds exp(0) = 1, so raise the target to let it grow further")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 = off); the norm is "
                           "computed in float64 and a non-finite norm is never used to scale")
+    prune_epochs: int | None = _f(None, "epochs during which spectrum_decay and threshold_decay act (the ranks "
+                                  "are learned); afterwards decay stops and the thresholds are frozen, so the "
+                                  "surviving directions fine-tune at the learned rank (default: decay all run)")
     reorth_every: int = _f(0, "re-orthogonalise every learned-rank matrix (re-SVD, same product) every N "
                            "optimiser steps and reset its optimiser state (0 = off)")
     on_nonfinite: str = _f("stop", "on a NaN/inf loss or gradient norm: stop with an error keeping the last "
@@ -287,6 +290,8 @@ class TrainConfig:
                              f"rank_u={c['rank_u']})")
         if c["mode"] in ("dense", "sparse") and (c["rank_w"] is not None or c["rank_u"] is not None):
             raise ValueError(f"rank_w/rank_u apply to modes fixed and str, not mode={c['mode']}")
+        if c["prune_epochs"] is not None and not 0 <= c["prune_epochs"] <= c["epochs"]:
+            raise ValueError(f"prune_epochs={c['prune_epochs']!r}: expected an epoch count in [0, epochs={c['epochs']}]")
         if c["select"] == "budget" and c["budget_params"] is None and c["budget_bytes"] is None:
             raise ValueError("select=budget needs budget_params or budget_bytes")
         if c["lr_steps"] is not None and any(s < 1 for s in c["lr_steps"]):

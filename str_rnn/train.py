@@ -67,7 +67,7 @@ from .rnn import RNN
 from .serialize import save
 
 __all__ = ["train", "evaluate", "count_correct", "load_splits", "build_model", "split_statistics",
-           "make_optimizer", "make_scheduler", "apply_decay", "grad_norm", "reorthogonalize",
+           "make_optimizer", "make_scheduler", "apply_decay", "freeze_thresholds", "grad_norm", "reorthogonalize",
            "NonFiniteError", "TrainingInterrupted"]
 
 CHECKPOINT_VERSION = 1
@@ -229,6 +229,19 @@ def apply_decay(optimizer, config: TrainConfig) -> None:
                 p.copy_(p.sign() * (p.abs() - rate).clamp_min(0))
             else:
                 p.mul_(1 - rate)
+
+
+def freeze_thresholds(optimizer) -> None:
+    """Drop the thresholds' gradients so that the optimiser leaves every ``s`` where it is.
+
+    Used after ``prune_epochs``: with no decay and fixed thresholds, pruned entries of σ
+    (below the threshold, so without loss gradient) stay pruned and the survivors train
+    freely — prune, then fine-tune at the learned rank.
+    """
+    for group in optimizer.param_groups:
+        if group["name"] == "thresholds":
+            for p in group["params"]:
+                p.grad = None
 
 
 def grad_norm(parameters) -> float:
@@ -439,7 +452,10 @@ class _Trainer:
                 for p in params:
                     if p.grad is not None:
                         p.grad.mul_(scale)
-            apply_decay(self.optimizer, c)
+            if c.prune_epochs is not None and self.epoch >= c.prune_epochs:
+                freeze_thresholds(self.optimizer)  # fine-tuning phase: the learned ranks stay
+            else:
+                apply_decay(self.optimizer, c)
             self.optimizer.step()
             self.steps += 1
             if c.reorth_every and self.steps % c.reorth_every == 0:

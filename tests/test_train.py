@@ -288,6 +288,19 @@ def test_spectrum_decay_lowers_the_rank_and_zero_keeps_it_full(tmp_path, penalty
     assert full[u] < 1e-4 < weak[u] < strong[u] < 1
 
 
+def test_prune_epochs_freezes_thresholds_and_stops_decay(tmp_path):
+    cfg = tiny_config(epochs=4, hidden_size=12, spectrum_decay=15.0, prune_epochs=2)
+    train(cfg, tmp_path / "run", datasets=tiny_splits())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    u = "rnn.layers.0.U.threshold"
+    # decay raised the threshold while pruning ...
+    assert rows[1]["thresholds"][u] > rows[0]["thresholds"][u] > 1e-4
+    # ... after prune_epochs it is frozen, and no rank comes back
+    assert rows[3]["thresholds"][u] == rows[2]["thresholds"][u] == rows[1]["thresholds"][u]
+    for name in rows[1]["ranks"]:
+        assert rows[3]["ranks"][name] <= rows[1]["ranks"][name]
+
+
 def test_reorthogonalize_keeps_the_model_and_resets_optimiser_state():
     cfg = tiny_config().resolved()
     model = engine.build_model(cfg, 3, 2)
