@@ -104,11 +104,16 @@ def make_step(model: nn.Module, x: torch.Tensor, weight: torch.Tensor):
 # ---------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------
-def interleaved(fns: dict, rounds: int, sync, before=None, progress: bool = True, desc: str = "") -> dict:
-    """Wall seconds of every function in every round; each round runs all of them once,
-    in an order shuffled per round (seeded), after ``before(name)`` (untimed)."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def interleaved(fns: dict, rounds: int, sync, before=None, progress: bool = True, desc: str = "",
+                clock: str = "wall") -> dict:
+    """Seconds of every function in every round on ``clock``; each round runs all of them
+    once, in an order shuffled per round (seeded), after ``before(name)`` (untimed)."""
     from tqdm import tqdm
 
+    now = CLOCKS[clock]
     times = {name: [] for name in fns}
     order = list(fns)
     rng = random.Random(0)
@@ -118,10 +123,10 @@ def interleaved(fns: dict, rounds: int, sync, before=None, progress: bool = True
             if before is not None:
                 before(name)
             sync()
-            start = time.perf_counter()
+            start = now()
             fns[name]()
             sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(now() - start)
     return times
 
 
@@ -199,7 +204,7 @@ def run(args) -> dict:
     def zero(name):
         models[name].zero_grad(set_to_none=True)
 
-    train = interleaved(steps, rounds, sync, zero, args.progress, "training steps")
+    train = interleaved(steps, rounds, sync, zero, args.progress, "training steps", args.clock)
 
     # -- memory -------------------------------------------------------------------------
     memory = {}
@@ -239,7 +244,7 @@ def run(args) -> dict:
         for fn in infer_fns.values():
             fn()
             fn()
-        infer = interleaved(infer_fns, rounds * args.infer_factor, sync, None, args.progress, "inference")
+        infer = interleaved(infer_fns, rounds * args.infer_factor, sync, None, args.progress, "inference", args.clock)
 
     # -- targets --------------------------------------------------------------------------
     full = "STR FastGRNN full rank"
@@ -289,7 +294,7 @@ def report(res: dict) -> str:
     c, m = res["config"], res["machine"]
     lines = [
         f"str_rnn cells benchmark: batch {c['batch']}, {c['steps']} steps, input {c['input']}, "
-        f"hidden {c['hidden']}; {c['threads']} threads on {c['device']}; {c['repeats']} rounds",
+        f"hidden {c['hidden']}; {c['threads']} threads on {c['device']}; {c['repeats']} rounds; {c['clock']} clock",
         f"machine: {m['cpu']}, {m['cores']} cores, load {m['load_1min']:.1f} at the start; "
         f"torch {m['torch']}, Python {m['python']}",
         "",
@@ -342,6 +347,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--quick", action="store_true", help="a fast smoke run: 3 rounds, 20 steps")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall: elapsed time; cpu: CPU time of the process (all threads), robust to other "
+                        "jobs on a shared machine but meaningful only with --threads 1 (idle worker threads "
+                        "spin) and on the CPU")
     p.add_argument("--batch", type=int, default=100, help="training batch size")
     p.add_argument("--steps", type=int, default=99, help="sequence length")
     p.add_argument("--input", type=int, default=32, help="input features")
@@ -361,6 +370,8 @@ def parse_args(argv=None):
     for name in ("repeats", "threads", "batch", "steps", "input", "hidden", "rank_w", "rank_u", "infer_factor"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
+    if args.clock == "cpu" and args.device != "cpu":
+        p.error(f"--clock=cpu with --device={args.device}: CPU time does not see the device's work")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device={args.device}: CUDA is not available on this machine")
     return args

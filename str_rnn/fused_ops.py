@@ -82,11 +82,12 @@ class _BatchedLinear(Function):
         return dx, dw, db
 
 
-RECURRENT_FACTORED_MAX = 0.85
+RECURRENT_FACTORED_MAX = 0.6
 """Keep the recurrent matrix factored while its multiply-adds stay below this share of the
-dense matrix's. Measured on the benchmark CPU (hidden 100, batch 100, one thread): a
-step's two small matmuls at rank 40 (share 0.8) cost about as much as the one dense
-matmul, at rank 24 (share 0.48) a training step is 12-15 % faster than dense."""
+dense matrix's. Measured on the benchmark CPU (hidden 100, batch 100): at rank 24 (share
+0.48) a training step is 12-19 % faster factored than dense; at rank 40 (share 0.8) the
+step's two small matmuls cost as much as the one dense matmul with one thread and more
+with two (the dense product parallelises, the thin ones do not), so it runs dense."""
 
 INPUT_FACTORED_MAX = 0.35
 """The same for the input projection, whose factors have a short inner dimension

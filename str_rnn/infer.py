@@ -105,8 +105,13 @@ def _fastgrnn(cell: FastGRNNCell, X: np.ndarray, h0: np.ndarray, last, merge: bo
     zeta, nu = _scalar(cell.zeta, dt), _scalar(cell.nu, dt)
     *inner, u = _chain(cell, dt, merge)
     # q = [(pre + b_z) / 2, pre + b_h];  tanh(q) = [2z - 1, h~]
-    u2 = np.concatenate([u * dt.type(0.5), u], axis=1)
-    x2 = np.concatenate([(X + _np(cell.bias_z, dt)) * dt.type(0.5), X + _np(cell.bias_h, dt)], axis=2)
+    u2 = np.empty((u.shape[0], 2 * hidden), dt)
+    np.multiply(u, dt.type(0.5), out=u2[:, :hidden])
+    u2[:, hidden:] = u
+    x2 = np.empty((steps, batch, 2 * hidden), dt)
+    np.add(X, _np(cell.bias_z, dt), out=x2[..., :hidden])
+    x2[..., :hidden] *= dt.type(0.5)
+    np.add(X, _np(cell.bias_h, dt), out=x2[..., hidden:])
     # [2z - 1, h~] * P + Q = [z, h~];  [z, h~] * [h - ζ h~, c1] summed by halves = h_t
     P, Q = _affine_halves(hidden, dt)
     S = np.empty((steps + 1, batch, hidden), dt)
@@ -222,12 +227,13 @@ _LOOPS = {FastGRNNCell: _fastgrnn, FastRNNCell: _fastrnn, GRUCell: _gru, LSTMCel
 
 
 @torch.no_grad()
-def scan(cell: RNNCell, wx: torch.Tensor, state, last: torch.Tensor | None = None):
-    """Run one layer over time-major ``wx [T, B, G·H]`` without autograd.
+def scan(cell: RNNCell, x: torch.Tensor, state, last: torch.Tensor | None = None):
+    """Run one layer (input projection and recurrence) over time-major ``x [T, B, F]``
+    without autograd.
 
     Args:
         cell: a FastGRNN, FastRNN, GRU or LSTM cell.
-        wx: ``W x_t`` for all steps (CPU, float32 or float64).
+        x: the layer's input (CPU, float32 or float64).
         state: initial ``h`` or ``(h, c)``, ``[B, H]`` each.
         last: ``[B]`` index of each sequence's last step, or ``None`` for ``T - 1``.
 
@@ -235,7 +241,8 @@ def scan(cell: RNNCell, wx: torch.Tensor, state, last: torch.Tensor | None = Non
         ``(states [T, B, H], final state)``: ``states[t] = h_{t+1}``; the final state
         (``[B, H]``, or ``(h, c)``) is taken at ``last``.
     """
-    X = wx.detach().contiguous().numpy()
+    # the projection of all steps in torch: NumPy's BLAS would start threads of its own
+    X = cell.W(x).detach().contiguous().numpy()
     idx = None if last is None else last.cpu().numpy()
     loop = _LOOPS[type(cell)]
     merge = X.shape[0] >= MERGE_STEPS

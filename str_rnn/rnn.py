@@ -27,6 +27,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import fused as _fused
 from . import infer as _infer
+from . import native as _native
 from . import stream as _stream
 from .cells import CELLS, RNNCell, cell_class
 
@@ -161,14 +162,14 @@ class RNN(nn.Module):
             x, lengths = pad_packed_sequence(x, batch_first=True)
         elif not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a tensor or PackedSequence, got {type(x).__name__}")
-        elif self.batch_first is False:
-            x = x.transpose(0, 1)
         if not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
         if x.dim() != 3 or x.shape[-1] != self.input_size:
             layout = "(batch, steps, features)" if self.batch_first or packed else "(steps, batch, features)"
             raise ValueError(f"x has shape {tuple(x.shape)}; expected {layout} with features = "
                              f"input_size = {self.input_size}")
+        if not packed and self.batch_first is False:
+            x = x.transpose(0, 1)
         batch, steps = x.shape[0], x.shape[1]
         if lengths is not None:
             lengths = _check_lengths(lengths, batch, steps)
@@ -192,9 +193,11 @@ class RNN(nn.Module):
         """All layers over batch-first ``x [B, T, F]``; returns ``(outputs [B, T, H], finals)``.
 
         Sequences shorter than ``T`` run to the longest length only; their outputs past
-        their own end are zero and their final state is read at their last step. With
-        gradients the layers run feature-major (``[T, F, B]``, see :mod:`str_rnn.fused`);
-        without, small CPU batches take :mod:`str_rnn.infer` (time-major ``[T, B, F]``).
+        their own end are zero and their final state is read at their last step. An LSTM
+        whose matrices are effectively dense runs torch's own fused kernel on whole CPU
+        sequences (:mod:`str_rnn.native`); otherwise, with gradients, the layers run
+        feature-major (``[T, F, B]``, :mod:`str_rnn.fused`), and without them small CPU
+        batches take :mod:`str_rnn.infer` (time-major ``[T, B, F]``).
         """
         steps = x.shape[1]
         last = keep = None
@@ -205,10 +208,14 @@ class RNN(nn.Module):
             keep = (torch.arange(run).unsqueeze(1) < lengths.unsqueeze(0)).to(device=x.device, dtype=x.dtype)
             x = x[:, :run]
         finals = []
-        if not _infer.needs_grad(self, x, states) and _infer.supports(self, x.shape[0], x):
+        grad = _infer.needs_grad(self, x, states)
+        native = _native.lstm(self, x, states, grad) if self.cell == "lstm" and last is None else None
+        if native is not None:
+            x, finals = native
+        elif not grad and _infer.supports(self, x.shape[0], x):
             x = x.transpose(0, 1)  # [T, B, F]
             for cell, s in zip(self.layers, states):
-                x, s = _infer.scan(cell, cell.W(x), s, last)
+                x, s = _infer.scan(cell, x, s, last)
                 x = x * keep.unsqueeze(-1) if keep is not None else x
                 finals.append(s)
             x = x.transpose(0, 1)

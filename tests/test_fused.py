@@ -93,6 +93,17 @@ def _assert_same(a, b, tol=1e-5):
         torch.testing.assert_close(g_b[name], g_a[name], atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
 
 
+def _graph_nodes(out: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes that ``out`` depends on."""
+    names, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and type(fn).__name__ not in names:
+            names.add(type(fn).__name__)
+            todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
 def _inputs(cell, num_layers, dtype=torch.float64):
     x = torch.randn(B, T, F, dtype=dtype)
     h0 = torch.randn(num_layers, B, H, dtype=dtype)
@@ -144,18 +155,8 @@ def test_fused_is_the_default_and_the_reference_loop_stays():
     x = torch.randn(B, T, F)
     fast, ref = RNN("fastgrnn", F, H), RNN("fastgrnn", F, H, fused=False)
     assert fast.fused and not ref.fused
-
-    def graph_names(out):
-        names, todo = set(), [out.grad_fn]
-        while todo:
-            fn = todo.pop()
-            if fn is not None and type(fn).__name__ not in names:
-                names.add(type(fn).__name__)
-                todo.extend(f for f, _ in fn.next_functions)
-        return names
-
-    assert "FastGRNNScanBackward" in graph_names(fast(x)[1])
-    assert "FastGRNNScanBackward" not in graph_names(ref(x)[1])
+    assert "FastGRNNScanBackward" in _graph_nodes(fast(x)[1])
+    assert "FastGRNNScanBackward" not in _graph_nodes(ref(x)[1])
     with pytest.raises(ValueError, match="fused=1"):
         RNN("gru", F, H, fused=1)
     assert not RNN.from_cells(list(fast.layers), fused=False).fused
@@ -309,3 +310,23 @@ def test_streaming_plan_follows_weight_changes_and_is_not_copied():
     ref.fused = False
     with torch.no_grad():
         torch.testing.assert_close(ref.step(x)[0], third)
+
+
+def test_dense_lstm_runs_torch_kernel_and_low_rank_lstm_the_fused_one():
+    """A full-rank STR LSTM hands torch's fused LSTM its dense weights (same result); a
+    learned low rank keeps the fused kernel, whose cost follows the rank."""
+    dense = RNN("lstm", F, H, num_layers=2)
+    low = copy.deepcopy(dense)
+    _prune(low.layers[0].U, 1)
+
+    def kernels(model, lengths=None):
+        return _graph_nodes(model(torch.randn(B, T, F), lengths=lengths)[1][0])
+
+    assert "LSTMScanBackward" not in kernels(dense)
+    assert "LSTMScanBackward" in kernels(low)
+    assert "LSTMScanBackward" in kernels(dense, lengths=torch.tensor([T, 2, 5]))  # lengths: fused
+    ref = copy.deepcopy(dense)
+    ref.fused = False
+    x = torch.randn(B, T, F)
+    for a, b in zip(dense(x)[1], ref(x)[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

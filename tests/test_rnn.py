@@ -192,8 +192,6 @@ def test_rnn_bad_arguments(args, kwargs, match):
         RNN(*args, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="rnn.py: with batch_first=False, forward transposes x before "
-                   "checking its rank, so a 1-D x raises IndexError instead of the ValueError naming x")
 def test_rnn_time_major_rejects_1d_input_clearly():
     rnn = RNN("gru", F, H, batch_first=False)
     with pytest.raises(ValueError, match="x has shape"):
