@@ -17,7 +17,7 @@ pitch range, speaking rate, vocal-tract length (a resampling factor that shifts 
 and pitch together), a microphone (high-pass, low-pass, one resonance), a room (synthetic
 reverberation), a level and a noise environment. Every take varies the rate, pitch,
 intonation (``.``/``?``/``!``), time offset inside the 1 s clip, level, noise type and
-signal-to-noise ratio (down to -5 dB). Speaker ids are 8 hex digits, as in Google's corpus,
+signal-to-noise ratio (0 to 40 dB). Speaker ids are 8 hex digits, as in Google's corpus,
 and the split follows Google's ``_nohash_`` hashing rule on the speaker id; ids are drawn
 until each split has its share of speakers (80/10/10), so even a small corpus has
 validation and test voices.
@@ -36,6 +36,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import struct
 from dataclasses import asdict, dataclass, fields
@@ -155,28 +156,34 @@ def _draw_speakers(n: int, seed: int, variants: list[str]) -> list[Speaker]:
         seen.add(sid)
         taken[split] += 1
         ids.append((sid, split))
-    choices = [""] + list(variants)
+    everyone = [""] + list(variants)
+    # Half the speakers use espeak's own voices (m1-m8, f1-f5 or none), half any of the
+    # ~100 contributed variants, many of them novelty voices (robots, whispers, ...).
+    standard = [""] + [v for v in variants if re.fullmatch(r"[mf]\d", v)]
     out = []
     for i, (sid, split) in enumerate(ids):
         r = np.random.default_rng([seed, 0x5BEA, i])
-        reverb = r.random() < 0.65
+        reverb = r.random() < 0.5
+        pool = standard if r.random() < 0.5 else everyone
         out.append(Speaker(
             index=i, id=sid, split=split,
             accent=str(r.choice(ACCENTS)),
-            variant=str(choices[int(r.integers(len(choices)))]),
+            variant=str(pool[int(r.integers(len(pool)))]),
             pitch=int(r.integers(_PITCH[0] + _PITCH_JITTER, _PITCH[1] - _PITCH_JITTER + 1)),
             pitch_range=int(r.integers(_RANGE[0], _RANGE[1] + 1)),
             rate=int(round(math.exp(r.uniform(math.log(115), math.log(250))))),
             tract_down=int(round(_DOWN * r.uniform(0.88, 1.13))),
-            highpass_hz=round(float(math.exp(r.uniform(math.log(50), math.log(400)))), 1),
-            lowpass_hz=round(float(r.uniform(2800, 7600)), 1) if r.random() < 0.7 else 0.0,
+            highpass_hz=round(float(math.exp(r.uniform(math.log(50), math.log(300)))), 1),
+            # telephone band (3.4 kHz) at the narrowest
+            lowpass_hz=round(float(r.uniform(3400, 7600)), 1) if r.random() < 0.5 else 0.0,
             peak_hz=round(float(math.exp(r.uniform(math.log(250), math.log(4000)))), 1),
-            peak_db=round(float(r.uniform(-10, 10)), 2),
+            peak_db=round(float(r.uniform(-8, 8)), 2),
             peak_q=round(float(r.uniform(0.7, 3.0)), 2),
-            rt60_s=round(float(r.uniform(0.15, 0.8)), 3) if reverb else 0.0,
-            drr_db=round(float(r.uniform(-2, 14)), 2),
+            rt60_s=round(float(r.uniform(0.1, 0.6)), 3) if reverb else 0.0,
+            drr_db=round(float(r.uniform(0, 15)), 2),
             level_db=round(float(r.uniform(-36, -16)), 2),
-            snr_db=round(float(r.uniform(0, 32)), 2),
+            # takes vary +-5 dB around it: 0 to 40 dB, a sixth of the clips below 10 dB
+            snr_db=round(float(r.uniform(5, 35)), 2),
             noise=str(r.choice(_NOISE_KINDS)),
             stream=int(r.integers(2**63)),
         ))
@@ -311,20 +318,94 @@ def _to_pcm(x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- synthesis
-def _speak(tts, text: str, sp: Speaker, rate: int, pitch: int, seed: int, fir: np.ndarray):
-    """Synthesise, trim and resample one word to 16 kHz; speed up if it would not fit."""
-    from scipy.signal import resample_poly
+@dataclass(frozen=True)
+class _Take:
+    """The random choices of one take (drawn before synthesis, in a fixed order)."""
 
-    for _ in range(4):
-        raw = tts.synth(text, voice=sp.accent, variant=sp.variant or None, rate=rate,
-                        pitch=pitch, pitch_range=sp.pitch_range, seed=seed)
-        if raw.size == 0:
-            raise RuntimeError(f"espeak-ng produced no audio for {text!r} with {sp}")
-        x = resample_poly(_trim(raw.astype(np.float64) / 32768.0), _UP, sp.tract_down, window=fir)
-        if len(x) <= _MAX_WORD_SAMPLES or rate >= 450:
-            break
-        rate = min(450, int(math.ceil(rate * len(x) / _MAX_WORD_SAMPLES * 1.05)))
-    return x[:_MAX_WORD_SAMPLES], rate
+    rate: int
+    pitch: int
+    punct: str
+    espeak_seed: int
+    where: float  # position of the word in the free part of the clip, 0..1
+    level_db: float
+    snr_db: float
+    noise: str
+    noise_seed: int
+
+    @staticmethod
+    def draw(sp: Speaker, rng: np.random.Generator) -> _Take:
+        return _Take(
+            rate=int(np.clip(round(sp.rate * rng.uniform(0.85, 1.2)), 80, 450)),
+            pitch=int(np.clip(sp.pitch + rng.integers(-_PITCH_JITTER, _PITCH_JITTER + 1), *_PITCH)),
+            punct=str(rng.choice([".", "?", "!"], p=[0.6, 0.2, 0.2])),  # intonation
+            espeak_seed=int(rng.integers(2**31)),
+            where=float(rng.random()),
+            level_db=sp.level_db + float(rng.uniform(-4, 4)),
+            snr_db=sp.snr_db + float(rng.uniform(-5, 5)),
+            noise=sp.noise if rng.random() < 0.75 else str(rng.choice(_NOISE_KINDS)),
+            noise_seed=int(rng.integers(2**63)),
+        )
+
+
+class _Recorder:
+    """A speaker's voice and recording chain: espeak -> vocal tract -> mic -> room."""
+
+    def __init__(self, sp: Speaker, rng: np.random.Generator, babble: np.ndarray):
+        from scipy.fft import next_fast_len, rfft
+
+        self.sp, self.babble = sp, babble
+        self.fir = _resample_filter(sp.tract_down)
+        self.sos = _channel_sos(sp)
+        self.rir = _room_ir(sp, rng)
+        if self.rir is not None:  # the room's transfer function, computed once
+            self.nfft = next_fast_len(_MAX_WORD_SAMPLES + len(self.rir) - 1, real=True)
+            self.room = rfft(self.rir, self.nfft)
+
+    def speak(self, tts, text: str, rate: int, pitch: int, seed: int) -> tuple[np.ndarray, int]:
+        """Synthesise, trim and resample one word to 16 kHz; faster if it would not fit.
+
+        Returns:
+            ``(samples, rate actually used)``.
+        """
+        from scipy.signal import resample_poly
+
+        sp = self.sp
+        for _ in range(4):
+            raw = tts.synth(text, voice=sp.accent, variant=sp.variant or None, rate=rate,
+                            pitch=pitch, pitch_range=sp.pitch_range, seed=seed)
+            if raw.size == 0:
+                raise RuntimeError(f"espeak-ng produced no audio for {text!r} with {sp}")
+            x = resample_poly(_trim(raw.astype(np.float64) / 32768.0), _UP, sp.tract_down,
+                              window=self.fir)
+            if len(x) <= _MAX_WORD_SAMPLES or rate >= 450:
+                break
+            rate = min(450, int(math.ceil(rate * len(x) / _MAX_WORD_SAMPLES * 1.05)))
+        return x[:_MAX_WORD_SAMPLES], rate
+
+    def record(self, tts, word: str, take: _Take) -> tuple[np.ndarray, dict]:
+        """One 1 s clip (int16) of ``word`` and what was done to make it."""
+        from scipy.fft import irfft, rfft
+        from scipy.signal import sosfilt
+
+        x, rate = self.speak(tts, _SPOKEN.get(word, word) + take.punct, take.rate, take.pitch,
+                             take.espeak_seed)
+        x = sosfilt(self.sos, x)
+        n_word = len(x)
+        if self.rir is not None:  # the reverberant tail may run past the clip's end
+            x = irfft(rfft(x, self.nfft) * self.room, self.nfft)[: n_word + len(self.rir) - 1]
+        offset = int(take.where * (CLIP_SAMPLES - n_word + 1))
+        clip = np.zeros(CLIP_SAMPLES)
+        seg = x[: CLIP_SAMPLES - offset]
+        clip[offset: offset + len(seg)] = seg
+        # Level and SNR refer to the word itself (its RMS), not to the whole second.
+        speech_rms = max(float(np.sqrt(np.mean(x[:n_word] ** 2))), 1e-9)
+        noise = _noise(take.noise, CLIP_SAMPLES, np.random.default_rng(take.noise_seed), self.babble)
+        clip = (clip / speech_rms + noise * 10 ** (-take.snr_db / 20)) * 10 ** (take.level_db / 20)
+        info = {"rate": rate, "pitch": take.pitch, "punct": take.punct,
+                "offset_s": round(offset / SAMPLE_RATE, 4), "word_s": round(n_word / SAMPLE_RATE, 4),
+                "level_db": round(take.level_db, 2), "snr_db": round(take.snr_db, 2),
+                "noise": take.noise}
+        return _to_pcm(clip), info
 
 
 def _takes(word: str, takes: int, other_takes: int) -> int:
@@ -341,63 +422,21 @@ def _init_worker(babble: np.ndarray) -> None:
 
 def _speaker_job(args) -> list[dict]:
     """Synthesise every take of one speaker into ``root``; return one row per clip."""
-    from scipy.fft import irfft, next_fast_len, rfft
-    from scipy.signal import sosfilt
-
     from .espeak import Espeak
 
     sp, root, takes, other_takes = args
-    babble = _worker_babble
     rng = np.random.default_rng(sp.stream)
-    sos = _channel_sos(sp)
-    rir = _room_ir(sp, rng)
-    if rir is not None:  # the room's transfer function, computed once per speaker
-        nfft = next_fast_len(_MAX_WORD_SAMPLES + len(rir) - 1, real=True)
-        room = rfft(rir, nfft)
-    fir = _resample_filter(sp.tract_down)
+    recorder = _Recorder(sp, rng, _worker_babble)
     rows = []
-    with Espeak() as tts:  # fresh library state: output depends on this speaker only
+    with Espeak() as tts:  # a fresh library: the output depends on this speaker only
         for word in WORDS:
-            folder = Path(root) / word
-            for take in range(_takes(word, takes, other_takes)):
-                # Draw every take parameter first, in a fixed order, so that the stream
-                # does not depend on what the synthesis turns out to need.
-                rate = int(np.clip(round(sp.rate * rng.uniform(0.85, 1.2)), 80, 450))
-                pitch = int(np.clip(sp.pitch + rng.integers(-_PITCH_JITTER, _PITCH_JITTER + 1),
-                                    *_PITCH))
-                punct = str(rng.choice([".", "?", "!"], p=[0.6, 0.2, 0.2]))
-                espeak_seed = int(rng.integers(2**31))
-                where = float(rng.random())
-                level = sp.level_db + float(rng.uniform(-4, 4))
-                snr = sp.snr_db + float(rng.uniform(-5, 5))
-                kind = sp.noise if rng.random() < 0.75 else str(rng.choice(_NOISE_KINDS))
-                noise_rng = np.random.default_rng(int(rng.integers(2**63)))
-
-                text = _SPOKEN.get(word, word) + punct
-                x, used_rate = _speak(tts, text, sp, rate, pitch, espeak_seed, fir)
-                x = sosfilt(sos, x)
-                n_word = len(x)
-                if rir is not None:  # the reverberant tail may run past the clip
-                    x = irfft(rfft(x, nfft) * room, nfft)[: n_word + len(rir) - 1]
-                offset = int(where * (CLIP_SAMPLES - n_word + 1))
-                clip = np.zeros(CLIP_SAMPLES)
-                seg = x[: CLIP_SAMPLES - offset]
-                clip[offset: offset + len(seg)] = seg
-                speech_rms = max(float(np.sqrt(np.mean(x[:n_word] ** 2))), 1e-9)
-                gain = 10 ** (level / 20) / speech_rms
-                noise = _noise(kind, CLIP_SAMPLES, noise_rng, babble)
-                clip = clip * gain + noise * 10 ** ((level - snr) / 20)
-                data = _wav_bytes(_to_pcm(clip))
-                name = f"{sp.id}_nohash_{take}.wav"
-                (folder / name).write_bytes(data)
-                rows.append({
-                    "path": f"{word}/{name}", "speaker": sp.id, "word": word, "take": take,
-                    "split": sp.split, "rate": used_rate, "pitch": pitch, "punct": punct,
-                    "offset_s": round(offset / SAMPLE_RATE, 4),
-                    "word_s": round(n_word / SAMPLE_RATE, 4), "level_db": round(level, 2),
-                    "snr_db": round(snr, 2), "noise": kind,
-                    "sha1": hashlib.sha1(data).hexdigest(),
-                })
+            for n in range(_takes(word, takes, other_takes)):
+                pcm, info = recorder.record(tts, word, _Take.draw(sp, rng))
+                data = _wav_bytes(pcm)
+                path = f"{word}/{sp.id}_nohash_{n}.wav"
+                (Path(root) / path).write_bytes(data)
+                rows.append({"path": path, "speaker": sp.id, "word": word, "take": n,
+                             "split": sp.split, **info, "sha1": hashlib.sha1(data).hexdigest()})
     return rows
 
 
