@@ -17,6 +17,14 @@ Examples::
     python benchmarks/order_free_baseline.py                       # kws12, default corpus
     python benchmarks/order_free_baseline.py --task kws35 --root data/synth_kws
     python benchmarks/order_free_baseline.py --task fsdd --root ../shared/data/fsdd
+
+Measured (2 cores):
+
+- default synthetic corpus (``synth_kws`` v1, seed 0), kws12: train 42.85 / val 42.31 /
+  test 41.70%; kws35: test 24.81% (for comparison, ``str-rnn train --task kws12 --data
+  DIR --cell gru --mode dense --epochs 12 --lr 3e-3``: test 84.13%);
+- FSDD, default split (train takes 10-49): val 94.33 / test 94.67%; with
+  ``--option val_takes=0`` (train on takes 5-49, as the 96.7% quoted in DESIGN.md): 96.33%.
 """
 from __future__ import annotations
 

@@ -241,3 +241,23 @@ def test_bad_arguments(tmp_path, kwargs, name):
     with pytest.raises(ValueError, match=rf"{name}=.*must be an integer >= "):
         synth_kws.generate(tmp_path / "x", progress=False, **kwargs)
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------- baseline
+def test_order_free_baseline_runs_on_the_corpus(corpus, tmp_path, capsys):
+    """benchmarks/order_free_baseline.py end to end on the tiny corpus (no feature cache)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "order_free_baseline.py"
+    spec = importlib.util.spec_from_file_location("order_free_baseline", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "result.json"
+    assert bench.main(["--task", "kws12", "--root", str(corpus), "--option", "cache=false",
+                       "--no-progress", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["classes"] == 12 and result["inputs"] == 64
+    assert result["n_test"] > 0 and 0 <= result["test_acc"] <= 100
+    assert result["train_acc"] > 90  # 64 inputs, a few dozen training clips: separable
+    assert result["max_abs_grad"] < 1e-3  # L-BFGS converged
+    assert "test" in capsys.readouterr().out

@@ -13,8 +13,14 @@ gives different samples depending on what was spoken before — even after
 ``espeak_Terminate`` + ``espeak_Initialize``. An instance therefore ``dlopen``\\ s a private
 copy of the shared library (private, so that no other user of espeak in the process can
 hold it loaded) and ``dlclose``\\ s it on :meth:`Espeak.close`; the next instance starts
-from the library's pristine static data. The output of an instance is a pure function of
-the calls made on it, which is what makes a generated corpus reproducible.
+from the library's pristine static data. Every :meth:`Espeak.synth` also seeds espeak's
+random generator and the C library's ``rand()`` (Klatt voices with breath draw from it).
+The output of an instance is then a pure function of the calls made on it, which is what
+makes a generated corpus reproducible.
+
+Known limit (libespeak-ng 1.52): a low ``pitch`` with a wide ``pitch_range`` on a
+low-voiced variant (``rob``, ``Demonic``, ``Annie``) crashes the library (segfault);
+:mod:`str_rnn.datasets.synth_kws` keeps its draws inside tested bounds.
 """
 from __future__ import annotations
 

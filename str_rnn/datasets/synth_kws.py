@@ -22,6 +22,10 @@ and the split follows Google's ``_nohash_`` hashing rule on the speaker id; ids 
 until each split has its share of speakers (80/10/10), so even a small corpus has
 validation and test voices.
 
+Difficulty: on the default corpus's kws12 task an order-free classifier (log-mel mean and
+std per clip) scores 41.7% against 84.1% for a 12-epoch GRU; errors spread over most test
+voices and grow as the SNR falls, with babble noise and strong reverberation.
+
 Determinism: the same ``seed``, arguments and package versions give byte-identical files,
 whatever the number of worker processes (each speaker is synthesised by a freshly loaded
 espeak instance from its own random stream). ``manifest.json`` records the versions and a
@@ -525,7 +529,11 @@ def generate(out_dir: str | os.PathLike, *, speakers: int = DEFAULT_SPEAKERS, se
 
     The default (1,100 speakers, 2 takes of each keyword, 1 of each other word) has 880 /
     110 / 110 train / validation / test speakers, 49,500 clips (4,950 of them test,
-    2,200 of those keywords) and about 1.6 GB; it takes a minute or two on 2 cores.
+    2,200 of those keywords) and 1.6 GB; it takes about 145 CPU seconds (90 s on 2 free
+    cores). On its kws12 task an order-free softmax regression on log-mel mean and std
+    scores 41.7% (``benchmarks/order_free_baseline.py``), a GRU-100 trained 12 epochs
+    84.1% (``str-rnn train --task kws12 --data DIR --cell gru --mode dense --epochs 12
+    --lr 3e-3``).
 
     Args:
         out_dir: corpus folder to create.
