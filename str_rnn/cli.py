@@ -119,13 +119,19 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("results", metavar="RESULTS", help="results CSV written by `str-rnn sweep`")
     pl.add_argument("--out", metavar="DIR", help="output folder (default: beside RESULTS, in plots/)")
 
-    d = sub.add_parser("data", formatter_class=fmt, help="list, build or generate datasets",
+    d = sub.add_parser("data", formatter_class=fmt, help="list, build, generate or download datasets",
                        description="list: which datasets are present under the data home ($STR_RNN_DATA or "
                                    "./data). hapt: build HAR windows from the UCI HAPT recordings. synth-kws: "
-                                   "synthesise a Speech-Commands-layout keyword corpus offline.",
+                                   "synthesise a Speech-Commands-layout keyword corpus offline. download NAME: fetch and "
+                                   "unpack a public archive (progress bar, SHA-256 recorded and checked).",
                        epilog="examples:\n  str-rnn data list\n  str-rnn data hapt\n"
-                              "  str-rnn data synth-kws --out data/synth_kws --speakers 300 --seed 0")
-    d.add_argument("action", choices=("list", "hapt", "synth-kws"), help="what to do")
+                              "  str-rnn data synth-kws --out data/synth_kws --speakers 300 --seed 0\n"
+                              "  str-rnn data download speech_commands_v0.01")
+    d.add_argument("action", choices=("list", "hapt", "synth-kws", "download"), help="what to do")
+    d.add_argument("name", nargs="?", default=None,
+                   help="download: speech_commands_v0.01 | speech_commands_v0.02 | uci_har | fsdd")
+    d.add_argument("--url", default=None, help="download: another address of the archive (mirror, file://)")
+    d.add_argument("--sha256", default=None, help="download: expected SHA-256 of the archive")
     d.add_argument("--out", metavar="DIR", help="output folder (default: the loader's default under the data home)")
     d.add_argument("--speakers", type=int, default=None, help="synth-kws: number of synthetic speakers")
     d.add_argument("--seed", type=int, default=0, help="synth-kws: random seed (default: 0)")
@@ -330,6 +336,15 @@ def _cmd_data(args) -> int:
     if args.action == "list":
         _list_data(home)
         return 0
+    if args.action == "download":
+        from .datasets.download import ARCHIVES, download
+
+        if args.name not in ARCHIVES:
+            raise UsageError(f"data download: name {args.name!r} is not one of {', '.join(ARCHIVES)}")
+        print(download(args.name, args.out, url=args.url, sha256=args.sha256, progress=args.progress))
+        return 0
+    if args.name is not None:
+        raise UsageError(f"data {args.action}: unexpected argument {args.name!r}")
     if args.action == "hapt":
         if args.speakers is not None:
             raise UsageError("--speakers applies to synth-kws only")
