@@ -96,18 +96,10 @@ INPUT_FACTORED_MAX = 0.35
 
 
 def chain(matrix: Matrix, max_cost: float = RECURRENT_FACTORED_MAX) -> list[torch.Tensor]:
-    """``matrix.chain()``, multiplied out to one matrix unless the factors' multiply-adds
-    are below ``max_cost`` times the dense matrix's. The product is taken by autograd,
-    so gradients still reach the factors."""
-    factors = matrix.chain()
-    if len(factors) > 1:
-        cost = sum(c.shape[0] * c.shape[1] for c in factors)
-        if cost >= max_cost * matrix.in_features * matrix.out_features:
-            dense = factors[0]
-            for c in factors[1:]:
-                dense = dense @ c
-            return [dense]
-    return factors
+    """``matrix.chain(max_cost)``: factors only where they cost under ``max_cost`` times the
+    dense matrix's multiply-adds (the thresholds above); the dense product is taken by
+    autograd, so gradients still reach the factors."""
+    return matrix.chain(max_cost)
 
 
 def project(matrix: Matrix, x: torch.Tensor, bias: torch.Tensor | None = None,

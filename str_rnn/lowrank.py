@@ -93,14 +93,20 @@ class Matrix(nn.Module):
     def max_rank(self) -> int:
         return min(self.in_features, self.out_features)
 
-    def chain(self) -> list[torch.Tensor]:
+    def chain(self, max_cost: float = 1.0) -> list[torch.Tensor]:
         """Matrices ``(C_1, ..., C_n)`` with ``x @ C_1 @ ... @ C_n == x @ M.T``.
 
         The default is the dense transpose; factored kinds return their active factors
-        when that costs fewer multiply-adds. A sequence layer calls this once per
-        forward pass and reuses the result at every time step.
+        when those cost fewer than ``max_cost`` times the dense matrix's multiply-adds
+        (below 1 where thin matmuls run slower per operation than one dense one). A
+        sequence layer calls this once per forward pass and reuses the result at every
+        time step.
         """
         return [self.weight.mT]
+
+    def _factored(self, rank: int, max_cost: float) -> bool:
+        """Whether rank-``rank`` factors cost under ``max_cost`` times the dense product."""
+        return rank * (self.in_features + self.out_features) < max_cost * self.in_features * self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -184,8 +190,8 @@ class FixedRank(Matrix):
     def effective_params(self) -> int:
         return self._rank * (self.in_features + self.out_features)
 
-    def chain(self) -> list[torch.Tensor]:
-        if self.effective_params < self.in_features * self.out_features:
+    def chain(self, max_cost: float = 1.0) -> list[torch.Tensor]:
+        if self._factored(self._rank, max_cost):
             return [self.W2.mT, self.W1.mT]
         return [self.weight.mT]
 
@@ -299,12 +305,11 @@ class LowRankSTR(Matrix):
             return self.A * gains, self.B
         return self.A[:, nz] * gains[nz], self.B[:, nz]
 
-    def chain(self) -> list[torch.Tensor]:
+    def chain(self, max_cost: float = 1.0) -> list[torch.Tensor]:
         left, right = self.active_factors()
-        r = left.shape[1]
         # Pruned columns get no loss gradient (relu), so dropping them is exact; the
-        # dense product is cheaper once r (out + in) exceeds out * in.
-        if r * (self.in_features + self.out_features) < self.in_features * self.out_features:
+        # dense product is cheaper once r (out + in) exceeds max_cost * out * in.
+        if self._factored(left.shape[1], max_cost):
             return [right, left.mT]
         return [right @ left.mT]
 
