@@ -14,6 +14,9 @@ multiplied out to one dense matrix (one product a step beats two smaller ones at
 size); a single streaming step keeps the active factors. Results equal the fused and
 reference loops to float rounding (the tests compare them).
 
+Where numba is installed the loops run compiled instead (:mod:`str_rnn.kernels`, one call
+a layer and sequence; see :func:`kernels`); the NumPy loops here are the fallback.
+
 Used by :class:`str_rnn.rnn.RNN` (``forward`` and ``step``) when no gradient is needed,
 the tensors are float32 or float64 on the CPU, and the batch has at most
 :data:`MAX_BATCH` sequences; larger batches take the fused kernels (:mod:`str_rnn.fused`)
@@ -33,9 +36,61 @@ MAX_BATCH = 8
 """Largest batch run by this module; above it per-call overhead no longer dominates."""
 
 MERGE_STEPS = 8
-"""Sequences at least this long multiply the recurrent chain out to one dense matrix."""
+"""Sequences at least this long multiply the recurrent chain out to one dense matrix (NumPy loops)."""
+
+USE_KERNELS = True
+"""Run the compiled loops of :mod:`str_rnn.kernels` where numba imports (``False``: the NumPy
+loops of this module, as without numba; tests switch it)."""
 
 _DTYPES = (torch.float32, torch.float64)
+
+PARAMS = {FastGRNNCell: ("bias_z", "bias_h", "zeta", "nu"), FastRNNCell: ("bias", "alpha", "beta"),
+          GRUCell: ("bias_ih", "bias_hh"), LSTMCell: ("bias_ih", "bias_hh")}
+"""The element-wise parameters of each cell type, in the order its kernels take them."""
+
+
+@functools.cache
+def _import_kernels():
+    try:
+        from . import kernels
+    # ImportError: numba missing or unusable with this NumPy; RuntimeError: no writable
+    # folder for numba's cache (raised when the kernels are defined)
+    except (ImportError, RuntimeError):
+        return None
+    return kernels
+
+
+def kernels():
+    """:mod:`str_rnn.kernels`, or ``None`` where numba is not importable or
+    :data:`USE_KERNELS` is off. Imported on first use: numba takes a while to load."""
+    return _import_kernels() if USE_KERNELS else None
+
+
+_NAMES = {FastGRNNCell: "fastgrnn", FastRNNCell: "fastrnn", GRUCell: "gru", LSTMCell: "lstm"}
+
+
+def kernel(cell: RNNCell, kind: str):
+    """The compiled ``kind`` (``"seq"`` or ``"step"``) loop of ``cell``'s type, or ``None``."""
+    k = kernels()
+    return None if k is None else getattr(k, f"{_NAMES[type(cell)]}_{kind}")
+
+
+def operands(chain: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """A chain ``x @ C_1 @ ... @ C_n`` as the kernels' ``(m1, m1t, m2, m2t)`` (see
+    :mod:`str_rnn.kernels`): views of the arrays where they are C- or F-contiguous and
+    ``n <= 2`` (:func:`follows`), copies otherwise."""
+    if len(chain) > 2:
+        chain = [functools.reduce(np.matmul, chain[:-1]), chain[-1]]
+    empty = np.empty((0, 0), chain[0].dtype)
+    out = []
+    for c in chain:  # c = Mᵀ: C-contiguous as it is, or M = cᵀ C-contiguous (copied if neither)
+        out += (empty, c) if c.flags.c_contiguous else (np.ascontiguousarray(c.T), empty)
+    return tuple(out) + (empty, empty) * (2 - len(chain))
+
+
+def follows(chain: list[np.ndarray]) -> bool:
+    """Whether :func:`operands` of ``chain`` are views of its arrays."""
+    return len(chain) <= 2 and all(c.flags.c_contiguous or c.flags.f_contiguous for c in chain)
 
 
 def needs_grad(module: torch.nn.Module, x: torch.Tensor, states) -> bool:
@@ -97,9 +152,9 @@ def _affine_halves(hidden: int, dtype) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------
-# one loop per cell: X = W x_t [T, B, G·H] (NumPy), h0 (and c0) [B, H]
+# one NumPy loop per cell: X = W x_t [T, B, G·H], h0 (and c0) [B, H] -> S (and C) [T + 1, B, H]
 # ---------------------------------------------------------------------------------------
-def _fastgrnn(cell: FastGRNNCell, X: np.ndarray, h0: np.ndarray, last, merge: bool):
+def _fastgrnn(cell: FastGRNNCell, X: np.ndarray, h0: np.ndarray, merge: bool):
     steps, batch, hidden = X.shape
     dt = X.dtype
     zeta, nu = _scalar(cell.zeta, dt), _scalar(cell.nu, dt)
@@ -133,10 +188,10 @@ def _fastgrnn(cell: FastGRNNCell, X: np.ndarray, h0: np.ndarray, last, merge: bo
         add(r1, h, out=r1)
         mul(q, r, out=q)
         add(qa, qb, out=hs[t + 1])
-    return S, _final(S, last)
+    return S
 
 
-def _fastrnn(cell: FastRNNCell, X: np.ndarray, h0: np.ndarray, last, merge: bool):
+def _fastrnn(cell: FastRNNCell, X: np.ndarray, h0: np.ndarray, merge: bool):
     steps, batch, hidden = X.shape
     dt = X.dtype
     alpha, beta = _scalar(cell.alpha, dt), _scalar(cell.beta, dt)
@@ -153,10 +208,10 @@ def _fastrnn(cell: FastRNNCell, X: np.ndarray, h0: np.ndarray, last, merge: bool
         q *= alpha
         np.multiply(h, beta, out=out)
         out += q
-    return S, _final(S, last)
+    return S
 
 
-def _gru(cell: GRUCell, X: np.ndarray, h0: np.ndarray, last, merge: bool):
+def _gru(cell: GRUCell, X: np.ndarray, h0: np.ndarray, merge: bool):
     steps, batch, hidden = X.shape[0], X.shape[1], X.shape[2] // 3
     dt = X.dtype
     h2 = 2 * hidden
@@ -187,10 +242,10 @@ def _gru(cell: GRUCell, X: np.ndarray, h0: np.ndarray, last, merge: bool):
         np.subtract(h, n, out=d)
         d *= z
         np.add(n, d, out=out)
-    return S, _final(S, last)
+    return S
 
 
-def _lstm(cell: LSTMCell, X: np.ndarray, h0: np.ndarray, c0: np.ndarray, last, merge: bool):
+def _lstm(cell: LSTMCell, X: np.ndarray, h0: np.ndarray, c0: np.ndarray, merge: bool):
     steps, batch, hidden = X.shape[0], X.shape[1], X.shape[2] // 4
     dt = X.dtype
     # halve the i, f, o columns: one tanh gives 2 (i, f) - 1, tanh(g), 2 o - 1
@@ -220,7 +275,7 @@ def _lstm(cell: LSTMCell, X: np.ndarray, h0: np.ndarray, c0: np.ndarray, last, m
         c_out += tmp
         np.tanh(c_out, out=tmp)
         np.multiply(o, tmp, out=out)
-    return S, C, _final(S, last), _final(C, last)
+    return S, C
 
 
 _LOOPS = {FastGRNNCell: _fastgrnn, FastRNNCell: _fastrnn, GRUCell: _gru, LSTMCell: _lstm}
@@ -244,10 +299,37 @@ def scan(cell: RNNCell, x: torch.Tensor, state, last: torch.Tensor | None = None
     # the projection of all steps in torch: NumPy's BLAS would start threads of its own
     X = cell.W(x).detach().contiguous().numpy()
     idx = None if last is None else last.cpu().numpy()
-    loop = _LOOPS[type(cell)]
+    h0, c0 = state if cell.has_cell_state else (state, None)
+    h0 = _np(h0, X.dtype)
+    c0 = None if c0 is None else _np(c0, X.dtype)
+    run = kernel(cell, "seq")
+    S, C = _numpy(cell, X, h0, c0) if run is None else _compiled(run, cell, X, h0, c0)
+    h_n = torch.from_numpy(_final(S, idx))
+    return torch.from_numpy(S)[1:], h_n if C is None else (h_n, torch.from_numpy(_final(C, idx)))
+
+
+def _numpy(cell: RNNCell, X: np.ndarray, h0: np.ndarray, c0):
+    """``S [T + 1, B, H]`` (``S[0] = h0``) and ``C`` likewise (``None`` but for an LSTM)
+    from the NumPy loops."""
     merge = X.shape[0] >= MERGE_STEPS
-    if cell.has_cell_state:
-        S, _, h_n, c_n = loop(cell, X, _np(state[0], X.dtype), _np(state[1], X.dtype), idx, merge)
-        return torch.from_numpy(S)[1:], (torch.from_numpy(h_n), torch.from_numpy(c_n))
-    S, h_n = loop(cell, X, _np(state, X.dtype), idx, merge)
-    return torch.from_numpy(S)[1:], torch.from_numpy(h_n)
+    if c0 is None:
+        return _LOOPS[type(cell)](cell, X, h0, merge), None
+    return _lstm(cell, X, h0, c0, merge)
+
+
+def _compiled(run, cell: RNNCell, X: np.ndarray, h0: np.ndarray, c0):
+    """:func:`_numpy`'s ``(S, C)`` from the compiled loop ``run``, with the recurrent chain
+    as it is (its active factors: a product per factor and step costs no call here)."""
+    dt = X.dtype
+    S = np.empty((X.shape[0] + 1,) + h0.shape, dt)
+    S[0] = h0
+    u = operands([_np(c, dt) for c in cell.U.chain()])
+    params = [_np(getattr(cell, n), dt) for n in PARAMS[type(cell)]]
+    params = [p if p.ndim == 0 else np.ascontiguousarray(p) for p in params]
+    if c0 is None:
+        run(X, S, *u, *params)
+        return S, None
+    C = np.empty_like(S)
+    C[0] = c0
+    run(X, S, C, *u, *params)
+    return S, C

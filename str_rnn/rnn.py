@@ -233,9 +233,10 @@ class RNN(nn.Module):
     def step(self, x_t: torch.Tensor, state=None):
         """Streaming inference: advance every layer by one step.
 
-        Without gradients on a small float CPU batch this runs a prepared NumPy plan
-        (:class:`str_rnn.stream.StreamPlan`, kept on the model and rebuilt whenever its
-        parameters move or are replaced); otherwise every cell steps with autograd.
+        Without gradients on a small float CPU batch this runs a prepared plan
+        (:class:`str_rnn.stream.StreamPlan`: compiled or NumPy steps, kept on the model and
+        rebuilt whenever its parameters move or are replaced); otherwise every cell steps
+        with autograd.
 
         Args:
             x_t: ``[B, input_size]``.
@@ -245,10 +246,12 @@ class RNN(nn.Module):
         Returns:
             ``(h_t [B, hidden] of the top layer, new state)``.
         """
-        states = self._initial_states(state, x_t.shape[0], x_t)
-        plan = self._stream_plan(x_t, states)
+        plan = self._stream_plan(x_t, state)
         if plan is not None:
-            return plan.step(x_t, states)
+            out = plan.step(x_t, state)
+            if out is not None:
+                return out
+        states = self._initial_states(state, x_t.shape[0], x_t)
         out, new = x_t, []
         for cell, s in zip(self.layers, states):
             s = cell(out, s)
@@ -256,11 +259,16 @@ class RNN(nn.Module):
             out = RNNCell.output(s)
         return out, self._stack_states(new)
 
-    def _stream_plan(self, x_t: torch.Tensor, states):
-        """The prepared NumPy step for ``x_t`` (:mod:`str_rnn.stream`), or None where it does
-        not apply: reference loop requested, gradients needed, not a small float CPU batch."""
-        if not (self.fused and x_t.device.type == "cpu" and x_t.dtype in (torch.float32, torch.float64)
-                and x_t.dim() == 2 and x_t.shape[0] <= _infer.MAX_BATCH) or _infer.needs_grad(self, x_t, states):
+    def _stream_plan(self, x_t: torch.Tensor, state):
+        """The prepared step for ``x_t`` (:mod:`str_rnn.stream`), or None where it does not
+        apply: reference loop requested, gradients needed, not a small float CPU batch.
+
+        Runs at every streaming step, so the cheap tests come first and the gradient test
+        (which walks the parameters) only where autograd is on at all."""
+        if not (self.fused and isinstance(x_t, torch.Tensor) and x_t.dtype in (torch.float32, torch.float64)
+                and x_t.is_cpu and x_t.dim() == 2 and x_t.shape[0] <= _infer.MAX_BATCH):
+            return None
+        if torch.is_grad_enabled() and _infer.needs_grad(self, x_t, self._initial_states(state, x_t.shape[0], x_t)):
             return None
         if x_t.shape[1] != self.input_size:
             raise ValueError(f"x_t has shape {tuple(x_t.shape)}; expected (batch, input_size={self.input_size})")
