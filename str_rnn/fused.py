@@ -20,6 +20,15 @@ arithmetic, is most of the cost. Here each layer's sequence is a single autograd
 Saved for backward: the states and the gate activations (no autograd graph per step),
 about half of what ``torch.nn.GRU`` keeps (see ``benchmarks/README.md``).
 
+**Compiled steps.** A torch operation on a ``[100, 100]`` block costs about 3 µs, mostly
+dispatch, so the element-wise part of a step costs more than its data. Where
+:func:`str_rnn.fused_ops.compiled` applies (CPU, float32/float64, numba importable) the
+FastGRNN and LSTM kernels run it as one compiled pass a step instead
+(:mod:`str_rnn.fused_kernels`; the matmuls stay in torch): forward, the gates and the new
+state after the matmul; backward, the local derivatives, the step's gradients and (for
+FastGRNN) the parameter sums, between two matmuls. Both versions store the same buffers
+and give the same results; the torch operations run everywhere else.
+
 **Layout.** Inside the kernels a step's state is a column block ``h: [H, B]`` (feature
 major) and a sequence is ``[T, H, B]``; gate pre-activations are ``[T, G·H, B]``. Every
 gate of every step is then one contiguous block, so each element-wise operation runs on
@@ -68,26 +77,22 @@ class FastGRNNScan(Function):
     Backward: with ``K^z = (h_{t-1} - ζ h̃) z(1 - z)`` and ``K^h = (ζ(1 - z) + ν)(1 - h̃²)``,
     ``dpre_t = dh_t (K^z + K^h)``, ``dh_{t-1} = g_{t-1} + Uᵀ dpre_t + dh_t z`` and
     ``dδ = ½ Σ dh K^h``.
+
+    The element-wise work of a step runs compiled where :func:`str_rnn.fused_ops.compiled`
+    applies (one pass a step instead of six torch operations), else as torch operations;
+    both store the same buffers.
     """
 
     @staticmethod
     def forward(ctx, x, last, h0, delta, zeta, nu, *chain):
-        xs = x.unbind(0)
-        delta = delta.unsqueeze(-1).expand(x.shape[1:]).contiguous()
-        neg_c1 = torch.full_like(delta, 0.0).sub_(zeta + nu)
         S = ops.states_buffer(x, h0)
-        # z and s = σ(2 pre + δ) of a step in one sigmoid call; h~ = 2 s - 1
-        ZS = x.new_empty((2,) + x.shape)
-        Ss, ZSs, Zs, S2s = S.unbind(0), ZS.unbind(1), ZS[0].unbind(0), ZS[1].unbind(0)
+        ZS = x.new_empty((2,) + x.shape)  # z and s = σ(2 pre + δ) of every step; h~ = 2 s - 1
         uh = ops.Chain(chain, x.shape[0], x.shape[2], x)
-        h = Ss[0]
-        for t in range(x.shape[0]):
-            pre = uh.pre(xs[t], h, t, out=Zs[t])
-            torch.add(delta, pre, alpha=2, out=S2s[t])
-            ZSs[t].sigmoid_()
-            # h_t = z h + w h~ with w = c1 - ζ z, c1 = ζ + ν, h~ = 2s - 1:  z h - w + 2 s w
-            neg_w = torch.addcmul(neg_c1, Zs[t], zeta)
-            h = torch.addcmul(torch.addcmul(neg_w, Zs[t], h), S2s[t], neg_w, value=-2, out=Ss[t + 1])
+        kernels = ops.compiled(x)
+        if kernels is not None:
+            _fastgrnn_forward_compiled(kernels, x, S, ZS, uh, delta, zeta, nu)
+        else:
+            _fastgrnn_forward_torch(x, S, ZS, uh, delta, zeta, nu)
         ops.save(ctx, (S, ZS, last, zeta, nu), chain, uh)
         return S[1:], ops.final_state(S, last)
 
@@ -95,44 +100,112 @@ class FastGRNNScan(Function):
     @once_differentiable
     def backward(ctx, dstates, dfinal):
         (S, ZS, last, zeta, nu), uh, dchain = ops.restore(ctx, 5)
-        Z = ZS[0]
-        steps = Z.shape[0]
         needs = ctx.needs_input_grad
-        c1 = zeta + nu
         g, dh = ops.external_grads(dstates, dfinal, last, S[1:])
-        gs = ops.rows(g, steps)
-        DPRE = torch.empty_like(S[1:])
-        DPs = DPRE.unbind(0)
-        DH = ops.RunningGrad(dh, steps)
-        ddelta = dnu = dzeta = None
-        for t0, t1 in ops.chunks(steps):
-            hp, z, s = S[t0:t1], Z[t0:t1], ZS[1, t0:t1]
-            # in terms of s (h~ = 2s - 1, 1 - h~² = 4 s(1-s)):
-            # K^h = 4 (c1 - ζ z) s(1-s),  K^z = (h + ζ - 2ζ s) z(1-z)
-            kh = torch.addcmul(4 * c1, z, -4 * zeta).mul_(ops.dsigmoid(s))
-            kz = torch.addcmul(hp, s, -2 * zeta).add_(zeta).mul_(ops.dsigmoid(z))
-            k = torch.add(kz, kh)
-            dh_c, dhs, outs = DH.chunk(t0, t1)
-            ks, zs = k.unbind(0), z.unbind(0)
-            for j in range(t1 - t0 - 1, -1, -1):
-                t = t0 + j
-                dp = torch.mul(dhs[j], ks[j], out=DPs[t])
-                back = uh.back(gs[t - 1] if t > 0 else None, dp, t)
-                dh = torch.addcmul(back, dhs[j], zs[j], out=outs[j])
-            dp_c = DPRE[t0:t1]
-            uh.grads(hp, dp_c, t0, t1, needs[6:], dchain)
-            if needs[3]:  # dδ = ½ Σ dh K^h
-                ddelta = ops.add_or_set(ddelta, ops.sum_tb(kh.mul_(dh_c)))
-            if needs[4] or needs[5]:
-                # dν = Σ dh h~ = 2 Σ dh s - Σ dh;  dζ = Σ dh (1 - z) h~ = dν - (2 Σ dh z s - Σ dh z)
-                flat_dh, flat_s = dh_c.view(-1), s.view(-1)
-                s_h = 2 * torch.dot(flat_dh, flat_s) - flat_dh.sum()
-                dhz = flat_dh.mul_(z.view(-1))
-                dnu = ops.add_or_set(dnu, s_h)
-                dzeta = ops.add_or_set(dzeta, s_h - 2 * torch.dot(dhz, flat_s) + dhz.sum())
-        ddelta = 0.5 * ddelta if needs[3] else None
-        return (DPRE if needs[0] else None, None, dh.mT if needs[2] else None, ddelta,
+        kernels = ops.compiled(S)
+        if kernels is not None:
+            DPRE, dh, ddelta, dzeta, dnu = _fastgrnn_backward_compiled(kernels, S, ZS, uh, dchain, g, dh, zeta, nu,
+                                                                       needs)
+        else:
+            DPRE, dh, ddelta, dzeta, dnu = _fastgrnn_backward_torch(S, ZS, uh, dchain, g, dh, zeta, nu, needs)
+        return (DPRE if needs[0] else None, None, dh.mT if needs[2] else None, ddelta if needs[3] else None,
                 dzeta if needs[4] else None, dnu if needs[5] else None, *dchain)
+
+
+def _fastgrnn_forward_torch(x, S, ZS, uh, delta, zeta, nu):
+    """:class:`FastGRNNScan`'s forward loop as torch operations, into ``S`` and ``ZS``."""
+    xs = x.unbind(0)
+    delta = delta.unsqueeze(-1).expand(x.shape[1:]).contiguous()
+    neg_c1 = torch.full_like(delta, 0.0).sub_(zeta + nu)
+    Ss, ZSs, Zs, S2s = S.unbind(0), ZS.unbind(1), ZS[0].unbind(0), ZS[1].unbind(0)
+    h = Ss[0]
+    for t in range(x.shape[0]):
+        pre = uh.pre(xs[t], h, t, out=Zs[t])
+        torch.add(delta, pre, alpha=2, out=S2s[t])
+        ZSs[t].sigmoid_()
+        # h_t = z h + w h~ with w = c1 - ζ z, c1 = ζ + ν, h~ = 2s - 1:  z h - w + 2 s w
+        neg_w = torch.addcmul(neg_c1, Zs[t], zeta)
+        h = torch.addcmul(torch.addcmul(neg_w, Zs[t], h), S2s[t], neg_w, value=-2, out=Ss[t + 1])
+
+
+def _fastgrnn_forward_compiled(kernels, x, S, ZS, uh, delta, zeta, nu):
+    """The same loop with one compiled pass a step after the matmul
+    (:func:`str_rnn.fused_kernels.fastgrnn_forward`)."""
+    Ss, Zs = S.unbind(0), ZS[0].unbind(0)
+    Xn, Sn, Zn, S2n = x.detach().contiguous().numpy(), S.numpy(), ZS[0].numpy(), ZS[1].numpy()
+    real = Zn.dtype.type
+    dn = delta.detach().contiguous().numpy()
+    zeta_, c1 = real(zeta.item()), real((zeta + nu).item())
+    for t in range(x.shape[0]):
+        uh.apply(Ss[t], t, out=Zs[t])
+        kernels.fastgrnn_forward(Xn, Zn, S2n, Sn, dn, zeta_, c1, t)
+
+
+def _fastgrnn_backward_torch(S, ZS, uh, dchain, g, dh, zeta, nu, needs):
+    """:class:`FastGRNNScan`'s backward as torch operations, chunk by chunk: the local
+    derivatives of a chunk first, then its steps, then its parameter sums. Returns
+    ``(dpre, dh_0, dδ, dζ, dν)``; adds to the chain's gradients ``dchain``."""
+    Z = ZS[0]
+    steps = Z.shape[0]
+    c1 = zeta + nu
+    gs = ops.rows(g, steps)
+    DPRE = torch.empty_like(S[1:])
+    DPs = DPRE.unbind(0)
+    DH = ops.RunningGrad(dh, steps)
+    ddelta = dnu = dzeta = None
+    for t0, t1 in ops.chunks(steps):
+        hp, z, s = S[t0:t1], Z[t0:t1], ZS[1, t0:t1]
+        # in terms of s (h~ = 2s - 1, 1 - h~² = 4 s(1-s)):
+        # K^h = 4 (c1 - ζ z) s(1-s),  K^z = (h + ζ - 2ζ s) z(1-z)
+        kh = torch.addcmul(4 * c1, z, -4 * zeta).mul_(ops.dsigmoid(s))
+        kz = torch.addcmul(hp, s, -2 * zeta).add_(zeta).mul_(ops.dsigmoid(z))
+        k = torch.add(kz, kh)
+        dh_c, dhs, outs = DH.chunk(t0, t1)
+        ks, zs = k.unbind(0), z.unbind(0)
+        for j in range(t1 - t0 - 1, -1, -1):
+            t = t0 + j
+            dp = torch.mul(dhs[j], ks[j], out=DPs[t])
+            back = uh.back(gs[t - 1] if t > 0 else None, dp, t)
+            dh = torch.addcmul(back, dhs[j], zs[j], out=outs[j])
+        uh.grads(hp, DPRE[t0:t1], t0, t1, needs[6:], dchain)
+        if needs[3]:  # dδ = ½ Σ dh K^h
+            ddelta = ops.add_or_set(ddelta, ops.sum_tb(kh.mul_(dh_c)))
+        if needs[4] or needs[5]:
+            # dν = Σ dh h~ = 2 Σ dh s - Σ dh;  dζ = Σ dh (1 - z) h~ = dν - (2 Σ dh z s - Σ dh z)
+            flat_dh, flat_s = dh_c.view(-1), s.view(-1)
+            s_h = 2 * torch.dot(flat_dh, flat_s) - flat_dh.sum()
+            dhz = flat_dh.mul_(z.view(-1))
+            dnu = ops.add_or_set(dnu, s_h)
+            dzeta = ops.add_or_set(dzeta, s_h - 2 * torch.dot(dhz, flat_s) + dhz.sum())
+    return DPRE, dh, 0.5 * ddelta if needs[3] else None, dzeta, dnu
+
+
+def _fastgrnn_backward_compiled(kernels, S, ZS, uh, dchain, g, dh, zeta, nu, needs):
+    """The same backward with one compiled pass a step between the matmuls: ``dh_t`` from
+    the matmul's output and ``dh_{t+1} z_{t+1}``, then ``dpre_t`` and the parameter sums
+    (into per-element accumulators, summed once at the end); see
+    :func:`str_rnn.fused_kernels.fastgrnn_carry_backward`."""
+    steps = ZS.shape[1]
+    gs = ops.rows(g, steps)
+    DPRE = torch.empty_like(S[1:])
+    DPs = DPRE.unbind(0)
+    DH = dh.clone(memory_format=torch.contiguous_format)  # dh_t, updated in place step by step
+    BACK = torch.empty_like(DH)
+    ACC = DH.new_zeros((3,) + DH.shape)
+    DHn, BACKn, ACCn, DPn = DH.numpy(), BACK.numpy(), ACC.numpy(), DPRE.numpy()
+    Sn, Zn, S2n = S.numpy(), ZS[0].numpy(), ZS[1].numpy()
+    real = Zn.dtype.type
+    zeta_, c1 = real(zeta.item()), real((zeta + nu).item())
+    for t0, t1 in ops.chunks(steps):
+        for t in range(t1 - 1, t0 - 1, -1):
+            if t == steps - 1:
+                kernels.fastgrnn_backward(DHn, Zn, S2n, Sn, DPn, ACCn, zeta_, c1, t)
+            else:
+                kernels.fastgrnn_carry_backward(DHn, BACKn, Zn, S2n, Sn, DPn, ACCn, zeta_, c1, t)
+            uh.back(gs[t - 1] if t > 0 else None, DPs[t], t, out=BACK)
+        uh.grads(S[t0:t1], DPRE[t0:t1], t0, t1, needs[6:], dchain)
+    kernels.fastgrnn_carry(DHn, BACKn, Zn, 0)
+    return DPRE, DH, 0.5 * ACC[0].sum(1), ACC[2].sum(), ACC[1].sum()
 
 
 # ---------------------------------------------------------------------------------------
@@ -281,71 +354,122 @@ class LSTMScan(Function):
 
     @staticmethod
     def forward(ctx, x, last, h0, c0, *chain):
-        hidden = h0.shape[1]
-        neg1, two = ops.tanh_consts(x)
-        xs = x.unbind(0)
         uh = ops.Chain(chain, x.shape[0], x.shape[2], x)
         S, C = ops.states_buffer(x, h0), ops.states_buffer(x, c0)
+        TC = torch.empty_like(S[1:])  # tanh(c_t)
         # x is ours (the projection's output, needed by nobody else): step by step its
         # pre-activations become σ(i), σ(f), tanh(g), σ(o), saving a [T, 4H, B] buffer
-        SG = x
-        TC = torch.empty_like(S[1:])       # tanh(c_t)
-        Ss, Cs, TCs = S.unbind(0), C.unbind(0), TC.unbind(0)
-        Is, Fs, Gs, Os = (SG[:, j * hidden:(j + 1) * hidden].unbind(0) for j in range(4))
-        h, c = Ss[0], Cs[0]
-        for t in range(x.shape[0]):
-            uh.pre_(xs[t], h, t).sigmoid_()
-            torch.addcmul(neg1, Gs[t], two, out=Gs[t])
-            c = torch.addcmul(torch.mul(Fs[t], c), Is[t], Gs[t], out=Cs[t + 1])
-            tc = torch.addcmul(neg1, torch.add(c, c).sigmoid_(), two, out=TCs[t])
-            h = torch.mul(Os[t], tc, out=Ss[t + 1])
-        ops.save(ctx, (S, C, SG, TC, last), chain, uh, dirty=x)
+        kernels = ops.compiled(x) if x.is_contiguous() else None  # (NumPy writes into x)
+        if kernels is not None:
+            _lstm_forward_compiled(kernels, x, S, C, TC, uh)
+        else:
+            _lstm_forward_torch(x, S, C, TC, uh)
+        ops.save(ctx, (S, C, x, TC, last), chain, uh, dirty=x)
         return S[1:], ops.final_state(S, last), ops.final_state(C, last), x
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dstates, dh_final, dc_final, _):
         (S, C, SG, TC, last), uh, dchain = ops.restore(ctx, 5)
-        steps, hidden, batch = TC.shape
         needs = ctx.needs_input_grad
         g, dh = ops.external_grads(dstates, dh_final, last, TC)
-        gs = ops.rows(g, steps)
         if last is None:
-            dc_in = (None,) * steps
+            dc_in = None
             dc = dc_final.mT if dc_final is not None else torch.zeros_like(TC[0])
         else:
-            dc_in = ops.scatter_final(dc_final, last, TC).unbind(0)
+            dc_in = ops.scatter_final(dc_final, last, TC)
             dc = dc_in[-1]
-        DG = TC.new_empty(steps, 4, hidden, batch)
-        DG2 = DG.view(steps, 4 * hidden, batch)
-        DG3s, DGos, DG2s = DG[:, :3].unbind(0), DG[:, 3].unbind(0), DG2.unbind(0)
-        DH = ops.RunningGrad(dh, steps)
-        DCs = TC.new_empty(min(CHUNK, steps), hidden, batch).unbind(0)
-        for t0, t1 in ops.chunks(steps):
-            i, f, gg, o = (SG[t0:t1, j * hidden:(j + 1) * hidden] for j in range(4))
-            tc = TC[t0:t1]
-            # dc gets dh σ(o)(1 - tanh² c); gate factors K = (i, f, g, o) blocks
-            A = ops.one_minus_sq(tc).mul_(o)
-            K = tc.new_empty(t1 - t0, 4, hidden, batch)
-            torch.mul(gg, ops.dsigmoid(i), out=K[:, 0])
-            torch.mul(C[t0:t1], ops.dsigmoid(f), out=K[:, 1])
-            torch.mul(i, ops.one_minus_sq(gg, 0.5), out=K[:, 2])
-            torch.mul(tc, ops.dsigmoid(o), out=K[:, 3])
-            _, dhs, outs = DH.chunk(t0, t1)
-            K3s, Kos, As, fs = K[:, :3].unbind(0), K[:, 3].unbind(0), A.unbind(0), f.unbind(0)
-            for j in range(t1 - t0 - 1, -1, -1):
-                t = t0 + j
-                dc_t = torch.addcmul(dc, dhs[j], As[j], out=DCs[j])
-                torch.mul(dc_t, K3s[j], out=DG3s[t])
-                torch.mul(dhs[j], Kos[j], out=DGos[t])
-                if t > 0 and dc_in[t - 1] is not None:
-                    dc = torch.addcmul(dc_in[t - 1], dc_t, fs[j])
-                else:
-                    dc = torch.mul(dc_t, fs[j])
-                dh = uh.back(gs[t - 1] if t > 0 else None, DG2s[t], t, out=outs[j])
-            uh.grads(S[t0:t1], DG2[t0:t1], t0, t1, needs[4:], dchain)
+        kernels = ops.compiled(SG) if SG.is_contiguous() else None
+        if kernels is not None:
+            DG2, dh, dc = _lstm_backward_compiled(kernels, S, C, SG, TC, uh, dchain, g, dh, dc_in, dc, needs)
+        else:
+            DG2, dh, dc = _lstm_backward_torch(S, C, SG, TC, uh, dchain, g, dh, dc_in, dc, needs)
         return (DG2 if needs[0] else None, None, dh.mT if needs[2] else None, dc.mT if needs[3] else None,
                 *dchain)
+
+
+def _lstm_forward_torch(x, S, C, TC, uh):
+    """:class:`LSTMScan`'s forward loop as torch operations (gates into ``x`` in place)."""
+    hidden = S.shape[1]
+    neg1, two = ops.tanh_consts(x)
+    xs = x.unbind(0)
+    Ss, Cs, TCs = S.unbind(0), C.unbind(0), TC.unbind(0)
+    Is, Fs, Gs, Os = (x[:, j * hidden:(j + 1) * hidden].unbind(0) for j in range(4))
+    h, c = Ss[0], Cs[0]
+    for t in range(x.shape[0]):
+        uh.pre_(xs[t], h, t).sigmoid_()
+        torch.addcmul(neg1, Gs[t], two, out=Gs[t])
+        c = torch.addcmul(torch.mul(Fs[t], c), Is[t], Gs[t], out=Cs[t + 1])
+        tc = torch.addcmul(neg1, torch.add(c, c).sigmoid_(), two, out=TCs[t])
+        h = torch.mul(Os[t], tc, out=Ss[t + 1])
+
+
+def _lstm_forward_compiled(kernels, x, S, C, TC, uh):
+    """The same loop with one compiled pass a step after the matmul
+    (:func:`str_rnn.fused_kernels.lstm_forward`)."""
+    P = x.new_empty(x.shape[1:])
+    Ss = S.unbind(0)
+    Xn, Pn, Sn, Cn, TCn = x.detach().numpy(), P.numpy(), S.numpy(), C.numpy(), TC.numpy()
+    for t in range(x.shape[0]):
+        uh.apply(Ss[t], t, out=P)
+        kernels.lstm_forward(Xn, Pn, Sn, Cn, TCn, t)
+
+
+def _lstm_backward_torch(S, C, SG, TC, uh, dchain, g, dh, dc_in, dc, needs):
+    """:class:`LSTMScan`'s backward as torch operations, chunk by chunk. Returns
+    ``(d gates, dh_0, dc_0)``; adds to the chain's gradients ``dchain``."""
+    steps, hidden, batch = TC.shape
+    gs = ops.rows(g, steps)
+    dc_in = ops.rows(dc_in, steps)
+    DG = TC.new_empty(steps, 4, hidden, batch)
+    DG2 = DG.view(steps, 4 * hidden, batch)
+    DG3s, DGos, DG2s = DG[:, :3].unbind(0), DG[:, 3].unbind(0), DG2.unbind(0)
+    DH = ops.RunningGrad(dh, steps)
+    DCs = TC.new_empty(min(CHUNK, steps), hidden, batch).unbind(0)
+    for t0, t1 in ops.chunks(steps):
+        i, f, gg, o = (SG[t0:t1, j * hidden:(j + 1) * hidden] for j in range(4))
+        tc = TC[t0:t1]
+        # dc gets dh σ(o)(1 - tanh² c); gate factors K = (i, f, g, o) blocks
+        A = ops.one_minus_sq(tc).mul_(o)
+        K = tc.new_empty(t1 - t0, 4, hidden, batch)
+        torch.mul(gg, ops.dsigmoid(i), out=K[:, 0])
+        torch.mul(C[t0:t1], ops.dsigmoid(f), out=K[:, 1])
+        torch.mul(i, ops.one_minus_sq(gg, 0.5), out=K[:, 2])
+        torch.mul(tc, ops.dsigmoid(o), out=K[:, 3])
+        _, dhs, outs = DH.chunk(t0, t1)
+        K3s, Kos, As, fs = K[:, :3].unbind(0), K[:, 3].unbind(0), A.unbind(0), f.unbind(0)
+        for j in range(t1 - t0 - 1, -1, -1):
+            t = t0 + j
+            dc_t = torch.addcmul(dc, dhs[j], As[j], out=DCs[j])
+            torch.mul(dc_t, K3s[j], out=DG3s[t])
+            torch.mul(dhs[j], Kos[j], out=DGos[t])
+            if t > 0 and dc_in[t - 1] is not None:
+                dc = torch.addcmul(dc_in[t - 1], dc_t, fs[j])
+            else:
+                dc = torch.mul(dc_t, fs[j])
+            dh = uh.back(gs[t - 1] if t > 0 else None, DG2s[t], t, out=outs[j])
+        uh.grads(S[t0:t1], DG2[t0:t1], t0, t1, needs[4:], dchain)
+    return DG2, dh, dc
+
+
+def _lstm_backward_compiled(kernels, S, C, SG, TC, uh, dchain, g, dh, dc_in, dc, needs):
+    """The same backward with one compiled pass a step before the matmul
+    (:func:`str_rnn.fused_kernels.lstm_backward`); ``dh_{t-1}`` is the matmul's output."""
+    steps = TC.shape[0]
+    gs = ops.rows(g, steps)
+    DG2 = SG.new_empty(SG.shape)
+    DG2s = DG2.unbind(0)
+    DH = dh.clone(memory_format=torch.contiguous_format)
+    DC = dc.clone(memory_format=torch.contiguous_format)
+    DCIN = dc_in if dc_in is not None else TC.new_empty((0,) + TC.shape[1:])
+    DHn, DCn, DCINn, DGn = DH.numpy(), DC.numpy(), DCIN.numpy(), DG2.numpy()
+    SGn, Cn, TCn = SG.numpy(), C.numpy(), TC.numpy()
+    for t0, t1 in ops.chunks(steps):
+        for t in range(t1 - 1, t0 - 1, -1):
+            kernels.lstm_backward(DHn, DCn, DCINn, SGn, Cn, TCn, DGn, t)
+            uh.back(gs[t - 1] if t > 0 else None, DG2s[t], t, out=DH)
+        uh.grads(S[t0:t1], DG2[t0:t1], t0, t1, needs[4:], dchain)
+    return DG2, DH, DC
 
 
 # ---------------------------------------------------------------------------------------

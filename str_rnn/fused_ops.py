@@ -9,11 +9,15 @@
   :func:`restore` hand it from a kernel's forward to its backward;
 * the chunked backward pass: :func:`chunks`, :class:`RunningGrad` (the running ``dh``),
   :func:`external_grads` (gradients arriving from outputs and the final state);
+* :func:`compiled`: the compiled per-step kernels (:mod:`str_rnn.fused_kernels`, numba)
+  where they apply;
 * small element-wise helpers.
 
 Layout: a step is ``[features, batch]``, a sequence ``[T, features, batch]``.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch.autograd import Function
@@ -23,6 +27,29 @@ from .lowrank import Matrix
 
 CHUNK = 16
 """Time steps per chunk of the backward pass."""
+
+USE_COMPILED = True
+"""Run the compiled element-wise steps of :mod:`str_rnn.fused_kernels` where they apply
+(CPU, float32 or float64, numba importable); False runs the torch code everywhere."""
+
+
+@functools.cache
+def _load_compiled():
+    try:
+        import numba  # noqa: F401  (optional, and 0.3 s to import: only on first use)
+    except ImportError:
+        return None
+    from . import fused_kernels
+
+    return fused_kernels
+
+
+def compiled(like: torch.Tensor):
+    """:mod:`str_rnn.fused_kernels` for tensors like ``like``, or None where it does not
+    apply (not on the CPU, not float32/float64, numba missing, :data:`USE_COMPILED` off)."""
+    if not USE_COMPILED or like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64):
+        return None
+    return _load_compiled()
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,6 +177,10 @@ class Chain:
         for m, ys in zip(self.left[:-1], self.Ys):
             h = torch.mm(m, h, out=ys[t])
         return h
+
+    def apply(self, h: torch.Tensor, t: int, out: torch.Tensor) -> torch.Tensor:
+        """``out = L_n ⋯ L_1 h`` (no input term: no copy of it into ``out`` first)."""
+        return torch.mm(self.left[-1], self.inner(h, t), out=out)
 
     def pre(self, x_t: torch.Tensor, h: torch.Tensor, t: int, out=None) -> torch.Tensor:
         """``x_t + L_n ⋯ L_1 h``."""

@@ -10,7 +10,12 @@ weights are differentiable tensors, so autograd takes their gradients on to ``A`
 :mod:`str_rnn.fused`, whose cost follows the rank.
 
 Only for whole sequences (no ``lengths``: torch's packed path is not the fused one) on
-the CPU; elsewhere :mod:`str_rnn.fused` runs.
+the CPU; elsewhere :mod:`str_rnn.fused` runs. For training, only where the fused LSTM
+kernel runs as torch operations: with its compiled element-wise steps
+(:func:`str_rnn.fused_ops.compiled`, numba) a training step of the fused kernel is
+faster than oneDNN's (0.76-0.78 of ``torch.nn.LSTM``'s with one thread on the benchmark
+CPU, and about half its peak memory: no oneDNN workspace, no page faults). Without
+gradients oneDNN's forward pass stays the faster one (0.7 of the fused kernel's).
 """
 from __future__ import annotations
 
@@ -33,9 +38,12 @@ def lstm(rnn, x: torch.Tensor, states, train: bool):
 
     Returns:
         ``(outputs [B, T, H], per-layer final (h, c))``, or None when the kernel does not
-        apply (not on the CPU, unsupported dtype, a matrix cheaper in factored form).
+        apply (not on the CPU, unsupported dtype, a matrix cheaper in factored form) or
+        is not the faster one (training with the fused kernel's compiled steps).
     """
     if x.device.type != "cpu" or x.dtype not in _DTYPES or not all(type(c) is LSTMCell for c in rnn.layers):
+        return None
+    if train and ops.compiled(x) is not None:
         return None
     weights = []
     for cell in rnn.layers:

@@ -3,12 +3,14 @@ the reference loop (plain autograd through every step): outputs, final states an
 gradient of every parameter and of the initial state, for every cell and matrix kind."""
 from __future__ import annotations
 
+import collections
 import copy
 import math
 
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -114,13 +116,30 @@ def _inputs(cell, num_layers, dtype=torch.float64):
     return x, state
 
 
+def _compiled_kernels():
+    """str_rnn.fused_kernels, or a skip where numba is not installed."""
+    kernels = fused_ops._load_compiled()
+    if kernels is None:
+        pytest.skip("numba is not installed: the compiled element-wise steps are not available")
+    return kernels
+
+
+@pytest.fixture(params=[True, False], ids=["compiled", "torch-ops"])
+def compiled(request, monkeypatch):
+    """Run a test with the compiled element-wise steps (numba) and with the torch operations."""
+    if request.param:
+        _compiled_kernels()
+    monkeypatch.setattr(fused_ops, "USE_COMPILED", request.param)
+    return request.param
+
+
 # -- training path: fused kernels against plain autograd ------------------------------------
 
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("use_lengths", [False, True])
 @pytest.mark.parametrize("matrix", ["str", "str-pruned", "fixed", "dense", "sparse"])
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_fused_outputs_and_gradients_equal_reference(cell, matrix, use_lengths, num_layers):
+def test_fused_outputs_and_gradients_equal_reference(cell, matrix, use_lengths, num_layers, compiled):
     ref, fast = _pair(cell, matrix, num_layers)
     x, state = _inputs(cell, num_layers)
     lengths = torch.tensor([T, 3, T - 4]) if use_lengths else None
@@ -130,15 +149,26 @@ def test_fused_outputs_and_gradients_equal_reference(cell, matrix, use_lengths, 
 @pytest.mark.parametrize("loss_on", ["outputs", "final"])
 @pytest.mark.parametrize("use_lengths", [False, True])
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_gradient_from_outputs_only_or_final_state_only(cell, loss_on, use_lengths):
+def test_gradient_from_outputs_only_or_final_state_only(cell, loss_on, use_lengths, compiled):
     ref, fast = _pair(cell, "str-pruned", 2)
     x, state = _inputs(cell, 2)
     lengths = torch.tensor([5, T, 1]) if use_lengths else None
     _assert_same(_run(ref, x, state, lengths, loss_on), _run(fast, x, state, lengths, loss_on))
 
 
+@pytest.mark.parametrize("steps", [1, 2, fused_mod.CHUNK, fused_mod.CHUNK + 1])
+@pytest.mark.parametrize("cell", ["fastgrnn", "lstm"])
+def test_short_sequences_and_chunk_boundaries(cell, steps, compiled):
+    ref, fast = _pair(cell, "str", 1)
+    x, state = _inputs(cell, 1)
+    x = x[:, :steps]
+    lengths = torch.tensor([steps, 1, max(1, steps - 1)])
+    _assert_same(_run(ref, x, state, lengths, "both"), _run(fast, x, state, lengths, "both"))
+    _assert_same(_run(ref, x, state, None, "final"), _run(fast, x, state, None, "final"))
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_fused_kernels_pass_gradcheck(cell):
+def test_fused_kernels_pass_gradcheck(cell, compiled):
     """Finite differences on the fused layer alone (input projection and recurrence)."""
     rnn = _model(cell, "str-pruned", 1)
     layer = rnn.layers[0]
@@ -165,12 +195,13 @@ def test_fused_is_the_default_and_the_reference_loop_stays():
     assert not RNN.from_cells(list(fast.layers), fused=False).fused
 
 
-def test_backward_twice_with_retain_graph_gives_the_same_gradients():
+@pytest.mark.parametrize("cell", ["lstm", "fastgrnn"])
+def test_backward_twice_with_retain_graph_gives_the_same_gradients(cell, compiled):
     """The backward passes must not modify what the forward pass saved."""
-    rnn = RNN("lstm", F, H, num_layers=2).double()
-    x, _ = _inputs("lstm", 2)
-    out, (h, c) = rnn(x, lengths=torch.tensor([T, 2, 7]))
-    loss = out.pow(2).sum() + h.sum() + c.sum()
+    rnn = RNN(cell, F, H, num_layers=2).double()
+    x, _ = _inputs(cell, 2)
+    out, h_n = rnn(x, lengths=torch.tensor([T, 2, 7]))
+    loss = out.pow(2).sum() + sum(s.sum() for s in _parts(h_n))
     loss.backward(retain_graph=True)
     first = [p.grad.clone() for p in rnn.parameters()]
     rnn.zero_grad()
@@ -331,9 +362,10 @@ def test_streaming_plan_follows_weight_changes_and_is_not_copied():
         torch.testing.assert_close(ref.step(x)[0], third)
 
 
-def test_dense_lstm_runs_torch_kernel_and_low_rank_lstm_the_fused_one():
-    """A full-rank STR LSTM hands torch's fused LSTM its dense weights (same result); a
-    learned low rank keeps the fused kernel, whose cost follows the rank."""
+def test_dense_lstm_kernel_choice(compiled):
+    """A full-rank STR LSTM runs the fused kernel where its element-wise steps run compiled;
+    without them it hands torch's fused LSTM (oneDNN) its dense weights instead (same
+    result). A learned low rank, and lengths, always take the fused kernel."""
     dense = RNN("lstm", F, H, num_layers=2)
     low = copy.deepcopy(dense)
     _prune(low.layers[0].U, 1)
@@ -341,7 +373,7 @@ def test_dense_lstm_runs_torch_kernel_and_low_rank_lstm_the_fused_one():
     def kernels(model, lengths=None):
         return _graph_nodes(model(torch.randn(B, T, F), lengths=lengths)[1][0])
 
-    assert "LSTMScanBackward" not in kernels(dense)
+    assert ("LSTMScanBackward" in kernels(dense)) == compiled
     assert "LSTMScanBackward" in kernels(low)
     assert "LSTMScanBackward" in kernels(dense, lengths=torch.tensor([T, 2, 5]))  # lengths: fused
     ref = copy.deepcopy(dense)
@@ -349,3 +381,62 @@ def test_dense_lstm_runs_torch_kernel_and_low_rank_lstm_the_fused_one():
     x = torch.randn(B, T, F)
     for a, b in zip(dense(x)[1], ref(x)[1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# -- the compiled element-wise steps (str_rnn.fused_kernels, numba) ----------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_sigmoid_is_accurate_saturates_and_keeps_nan(dtype):
+    kernels = _compiled_kernels()
+    finfo = np.finfo(dtype)
+    x = np.concatenate([np.linspace(-120, 120, 48001), [0.0, -0.0, 1e-30, -1e-30]]).astype(dtype)
+    out = np.empty_like(x)
+    kernels.sigmoid(x, out)
+    ref = torch.sigmoid(torch.from_numpy(x).double()).numpy()
+    normal = ref >= finfo.tiny
+    # within 2 units in the last place wherever the result is a normal number
+    assert np.all(np.abs(out[normal] - ref[normal]) <= 2 * finfo.eps * ref[normal])
+    # below: saturated at about the smallest normal number instead of an underflow
+    assert np.all(out[~normal] <= 2 * finfo.tiny) and np.all(out[~normal] > 0)
+    special = np.array([np.inf, -np.inf, np.nan, 1e6, -1e6], dtype=dtype)
+    out = np.empty_like(special)
+    kernels.sigmoid(special, out)
+    assert out[0] == 1 and out[3] == 1 and 0 < out[1] <= 2 * finfo.tiny and 0 < out[4] <= 2 * finfo.tiny
+    assert np.isnan(out[2])
+
+
+@pytest.mark.parametrize("cell", ["fastgrnn", "lstm"])
+def test_compiled_steps_run_for_float32_and_match_the_reference(cell, monkeypatch):
+    """float32 training takes the compiled steps (once per time step, forward and
+    backward) and agrees with the float32 reference loop."""
+    kernels = _compiled_kernels()
+    calls = collections.Counter()
+    names = {"fastgrnn": ("fastgrnn_forward", "fastgrnn_backward", "fastgrnn_carry_backward", "fastgrnn_carry"),
+             "lstm": ("lstm_forward", "lstm_backward")}[cell]
+    for name in names:
+        def counted(*args, _f=getattr(kernels, name), _name=name):
+            calls[_name] += 1
+            return _f(*args)
+        monkeypatch.setattr(kernels, name, counted)
+    ref, fast = _pair(cell, "str", 1)
+    ref, fast = ref.float(), fast.float()
+    x, state = _inputs(cell, 1, torch.float32)
+    _assert_same(_run(ref, x, state, None, "both"), _run(fast, x, state, None, "both"))
+    expected = {"fastgrnn": {"fastgrnn_forward": T, "fastgrnn_backward": 1, "fastgrnn_carry_backward": T - 1,
+                             "fastgrnn_carry": 1},
+                "lstm": {"lstm_forward": T, "lstm_backward": T}}[cell]
+    assert dict(calls) == expected
+
+
+def test_without_numba_the_torch_operations_run(monkeypatch):
+    """numba is optional: where it cannot be imported the kernels run as torch operations."""
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now raises ImportError
+    fused_ops._load_compiled.cache_clear()
+    try:
+        assert fused_ops.compiled(torch.zeros(1)) is None
+        for cell in ("fastgrnn", "lstm"):
+            ref, fast = _pair(cell, "str", 1)
+            x, state = _inputs(cell, 1)
+            _assert_same(_run(ref, x, state, None, "both"), _run(fast, x, state, None, "both"))
+    finally:
+        fused_ops._load_compiled.cache_clear()
