@@ -8,9 +8,10 @@ active factors, or one dense matrix when that is cheaper, see
 Two implementations of the time loop, with equal outputs and gradients:
 
 * the **fused** path (default, ``RNN(..., fused=True)``): one autograd node per layer with
-  a hand-written backward through time (:mod:`str_rnn.fused`); when no gradient is
-  needed and the batch is small (CPU), NumPy loops for whole sequences
-  (:mod:`str_rnn.infer`) and a prepared plan for :meth:`RNN.step` (:mod:`str_rnn.stream`);
+  a hand-written backward through time (:mod:`str_rnn.fused`, its per-step element-wise
+  work compiled by numba where available); when no gradient is needed and the batch is
+  small (CPU), compiled loops for whole sequences (:mod:`str_rnn.infer`,
+  :mod:`str_rnn.kernels`) and a prepared plan for :meth:`RNN.step` (:mod:`str_rnn.stream`);
 * the **reference** loop :func:`scan` (``fused=False``): plain autograd through every
   step, the definition the fused path is tested against.
 
