@@ -206,3 +206,11 @@ def test_write_jobs_and_collect(tmp_path):
     assert resumed.stdout.split() == ["train", "--resume", str(run_dir), "--no-progress"]
     with pytest.raises(FileNotFoundError, match="sweep.json"):
         collect(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments").rglob("*.json")),
+                         ids=lambda p: p.parent.name + "/" + p.name)
+def test_every_experiment_sweep_file_is_valid(path):
+    """The sweep files the experiments README quotes load and expand (keys, types, grids)."""
+    sweep = load_sweep(path)
+    assert len(sweep.runs) >= 1
