@@ -17,12 +17,12 @@ Layout: a step is ``[features, batch]``, a sequence ``[T, features, batch]``.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
+from . import jit
 from .lowrank import Matrix
 
 CHUNK = 16
@@ -33,23 +33,12 @@ USE_COMPILED = True
 (CPU, float32 or float64, numba importable); False runs the torch code everywhere."""
 
 
-@functools.cache
-def _load_compiled():
-    try:
-        import numba  # noqa: F401  (optional, and 0.3 s to import: only on first use)
-    except ImportError:
-        return None
-    from . import fused_kernels
-
-    return fused_kernels
-
-
 def compiled(like: torch.Tensor):
     """:mod:`str_rnn.fused_kernels` for tensors like ``like``, or None where it does not
     apply (not on the CPU, not float32/float64, numba missing, :data:`USE_COMPILED` off)."""
     if not USE_COMPILED or like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64):
         return None
-    return _load_compiled()
+    return jit.load("fused_kernels")
 
 
 # ---------------------------------------------------------------------------------------

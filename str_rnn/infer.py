@@ -30,6 +30,7 @@ import math
 import numpy as np
 import torch
 
+from . import jit
 from .cells import FastGRNNCell, FastRNNCell, GRUCell, LSTMCell, RNNCell
 
 MAX_BATCH = 8
@@ -49,21 +50,10 @@ PARAMS = {FastGRNNCell: ("bias_z", "bias_h", "zeta", "nu"), FastRNNCell: ("bias"
 """The element-wise parameters of each cell type, in the order its kernels take them."""
 
 
-@functools.cache
-def _import_kernels():
-    try:
-        from . import kernels
-    # ImportError: numba missing or unusable with this NumPy; RuntimeError: no writable
-    # folder for numba's cache (raised when the kernels are defined)
-    except (ImportError, RuntimeError):
-        return None
-    return kernels
-
-
 def kernels():
     """:mod:`str_rnn.kernels`, or ``None`` where numba is not importable or
     :data:`USE_KERNELS` is off. Imported on first use: numba takes a while to load."""
-    return _import_kernels() if USE_KERNELS else None
+    return jit.load("kernels") if USE_KERNELS else None
 
 
 _NAMES = {FastGRNNCell: "fastgrnn", FastRNNCell: "fastrnn", GRUCell: "gru", LSTMCell: "lstm"}
@@ -86,6 +76,12 @@ def operands(chain: list[np.ndarray]) -> tuple[np.ndarray, ...]:
     for c in chain:  # c = Mᵀ: C-contiguous as it is, or M = cᵀ C-contiguous (copied if neither)
         out += (empty, c) if c.flags.c_contiguous else (np.ascontiguousarray(c.T), empty)
     return tuple(out) + (empty, empty) * (2 - len(chain))
+
+
+def vector_operands(arrays: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """Element-wise parameters as the kernels take them: scalars (0-d) as they are, vectors
+    C-contiguous (views where they already are, copies otherwise)."""
+    return tuple(a if a.ndim == 0 else np.ascontiguousarray(a) for a in arrays)
 
 
 def follows(chain: list[np.ndarray]) -> bool:
@@ -324,8 +320,7 @@ def _compiled(run, cell: RNNCell, X: np.ndarray, h0: np.ndarray, c0):
     S = np.empty((X.shape[0] + 1,) + h0.shape, dt)
     S[0] = h0
     u = operands([_np(c, dt) for c in cell.U.chain()])
-    params = [_np(getattr(cell, n), dt) for n in PARAMS[type(cell)]]
-    params = [p if p.ndim == 0 else np.ascontiguousarray(p) for p in params]
+    params = vector_operands([_np(getattr(cell, n), dt) for n in PARAMS[type(cell)]])
     if c0 is None:
         run(X, S, *u, *params)
         return S, None

@@ -105,7 +105,7 @@ class _Layer:
             self.live = self.live and _infer.follows(self.w) and _infer.follows(self.u) \
                 and all(a.flags.c_contiguous for a in self.extra)
             self.args = (*_infer.operands(self.w), *_infer.operands(self.u),
-                         *(a if a.ndim == 0 else np.ascontiguousarray(a) for a in self.extra))
+                         *_infer.vector_operands(self.extra))
 
     def step(self, x: np.ndarray, h: np.ndarray, out: np.ndarray, c=None, c_out=None) -> None:
         """Write the new ``h`` (and ``c``) of one step into ``out`` (``c_out``)."""

@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from str_rnn import CELLS, RNN, compact
 from str_rnn import fused as fused_mod
-from str_rnn import fused_ops
+from str_rnn import fused_ops, jit
 from str_rnn import infer as infer_mod
 from str_rnn.lowrank import LowRankSTR
 
@@ -118,7 +118,7 @@ def _inputs(cell, num_layers, dtype=torch.float64):
 
 def _compiled_kernels():
     """str_rnn.fused_kernels, or a skip where numba is not installed."""
-    kernels = fused_ops._load_compiled()
+    kernels = jit.load("fused_kernels")
     if kernels is None:
         pytest.skip("numba is not installed: the compiled element-wise steps are not available")
     return kernels
@@ -431,7 +431,7 @@ def test_compiled_steps_run_for_float32_and_match_the_reference(cell, monkeypatc
 def test_without_numba_the_torch_operations_run(monkeypatch):
     """numba is optional: where it cannot be imported the kernels run as torch operations."""
     monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now raises ImportError
-    fused_ops._load_compiled.cache_clear()
+    jit.load.cache_clear()
     try:
         assert fused_ops.compiled(torch.zeros(1)) is None
         for cell in ("fastgrnn", "lstm"):
@@ -439,4 +439,4 @@ def test_without_numba_the_torch_operations_run(monkeypatch):
             x, state = _inputs(cell, 1)
             _assert_same(_run(ref, x, state, None, "both"), _run(fast, x, state, None, "both"))
     finally:
-        fused_ops._load_compiled.cache_clear()
+        jit.load.cache_clear()

@@ -12,7 +12,7 @@ import torch
 
 import str_rnn
 from str_rnn import CELLS, RNN, compact
-from str_rnn import infer
+from str_rnn import infer, jit
 
 F, H, T = 5, 7, 9  # T >= infer.MERGE_STEPS: the NumPy loops multiply the chain out
 TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.float64: {"atol": 1e-10, "rtol": 1e-10}}
@@ -215,7 +215,7 @@ def test_kernels_fall_back_to_numpy_without_numba(monkeypatch, models):
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba raises ImportError
     monkeypatch.delitem(sys.modules, "str_rnn.kernels", raising=False)
     monkeypatch.delattr(str_rnn, "kernels", raising=False)
-    infer._import_kernels.cache_clear()
+    jit.load.cache_clear()
     try:
         assert infer.kernels() is None
         _, fast = models("fastgrnn", "compact", torch.float32)
@@ -224,5 +224,5 @@ def test_kernels_fall_back_to_numpy_without_numba(monkeypatch, models):
             fast.step(torch.randn(1, F))
         assert fast.__dict__["_stream_cache"].layers[0].kernel is None
     finally:
-        infer._import_kernels.cache_clear()
+        jit.load.cache_clear()
 
