@@ -97,6 +97,12 @@ class OptimConfig:
     prune_epochs: int | None = _f(None, "epochs during which spectrum_decay and threshold_decay act (the ranks "
                                   "are learned); afterwards decay stops and the thresholds are frozen, so the "
                                   "surviving directions fine-tune at the learned rank (default: decay all run)")
+    target_params: int | None = _f(None, "prune to this many effective parameters (gradual pruning): during "
+                                   "prune_epochs the spectrum and threshold decay act only while the model "
+                                   "holds more than a cubic schedule from its starting size down to "
+                                   "target_params (reached at 3/4 of prune_epochs), then more than "
+                                   "target_params; spectrum_decay is then the fastest pruning rate. Needs "
+                                   "mode str, prune_epochs and spectrum_decay > 0")
     reorth_every: int = _f(0, "re-orthogonalise every learned-rank matrix (re-SVD, same product) every N "
                            "optimiser steps and reset its optimiser state (0 = off)")
     on_nonfinite: str = _f("stop", "on a NaN/inf loss or gradient norm: stop with an error keeping the last "
@@ -275,7 +281,7 @@ class TrainConfig:
         c = self.flat()
         for name in ("num_layers", "epochs", "batch_size", "eval_batch_size"):
             _positive(name, c[name])
-        for name in ("hidden_size", "rank_w", "rank_u", "budget_params", "budget_bytes"):
+        for name in ("hidden_size", "rank_w", "rank_u", "budget_params", "budget_bytes", "target_params"):
             if c[name] is not None:
                 _positive(name, c[name])
         for name in ("lr", "lr_factors", "lr_gamma"):
@@ -292,6 +298,16 @@ class TrainConfig:
             raise ValueError(f"rank_w/rank_u apply to modes fixed and str, not mode={c['mode']}")
         if c["prune_epochs"] is not None and not 0 <= c["prune_epochs"] <= c["epochs"]:
             raise ValueError(f"prune_epochs={c['prune_epochs']!r}: expected an epoch count in [0, epochs={c['epochs']}]")
+        if c["target_params"] is not None:
+            if c["mode"] != "str":
+                raise ValueError(f"target_params={c['target_params']} prunes learned ranks: it needs mode str, "
+                                 f"not mode={c['mode']}")
+            if not c["prune_epochs"]:
+                raise ValueError(f"target_params={c['target_params']} needs prune_epochs >= 1 (the epochs "
+                                 f"over which it prunes), got prune_epochs={c['prune_epochs']!r}")
+            if not c["spectrum_decay"] > 0:
+                raise ValueError(f"target_params={c['target_params']} needs spectrum_decay > 0 (the fastest "
+                                 f"pruning rate), got spectrum_decay={c['spectrum_decay']!r}")
         if c["select"] == "budget" and c["budget_params"] is None and c["budget_bytes"] is None:
             raise ValueError("select=budget needs budget_params or budget_bytes")
         if c["lr_steps"] is not None and any(s < 1 for s in c["lr_steps"]):

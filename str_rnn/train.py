@@ -215,12 +215,18 @@ def make_scheduler(optimizer, config: TrainConfig):
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=steps, gamma=config.lr_gamma)
 
 
+PRUNING_GROUPS = ("spectra", "thresholds")
+"""The optimiser groups whose decay learns the ranks (see :func:`apply_decay`)."""
+
+
 @torch.no_grad()
-def apply_decay(optimizer, config: TrainConfig) -> None:
-    """Decoupled decay of every group by ``lr_group · decay_group`` (see the module docstring)."""
+def apply_decay(optimizer, config: TrainConfig, prune: bool = True) -> None:
+    """Decoupled decay of every group by ``lr_group · decay_group`` (see the module
+    docstring); ``prune=False`` leaves out the groups that learn the ranks
+    (:data:`PRUNING_GROUPS`), keeping plain weight decay."""
     for group in optimizer.param_groups:
         rate = group["lr"] * group["decay"]
-        if rate == 0:
+        if rate == 0 or (not prune and group["name"] in PRUNING_GROUPS):
             continue
         for p in group["params"]:
             if group["name"] == "thresholds":
@@ -229,6 +235,27 @@ def apply_decay(optimizer, config: TrainConfig) -> None:
                 p.copy_(p.sign() * (p.abs() - rate).clamp_min(0))
             else:
                 p.mul_(1 - rate)
+
+
+PRUNE_RAMP = 0.75
+"""Share of ``prune_epochs`` over which the schedule of ``target_params`` falls from the
+starting size to the target; the rest of the pruning phase only holds the target."""
+
+
+def scheduled_params(start: int, target: int, progress: float) -> float:
+    r"""Effective parameters allowed at ``progress`` (epochs done / ``prune_epochs``) when
+    pruning to ``target_params``: the cubic schedule of gradual pruning (Zhu & Gupta, "To
+    prune, or not to prune", 2017),
+
+    ``target + (start - target) · (1 - p)³``,  ``p = min(1, progress / PRUNE_RAMP)``:
+
+    fast at first, while the directions the loss does not need go, and slow near the target,
+    where every further direction costs accuracy and the rest must adapt. The decay acts on
+    a step only while the model is above this curve, so the rank falls along it whatever
+    the data set's steps per epoch, instead of at a speed λ sets.
+    """
+    p = min(1.0, max(0.0, progress) / PRUNE_RAMP)
+    return target + (start - target) * (1.0 - p) ** 3
 
 
 def freeze_thresholds(optimizer) -> None:
@@ -242,6 +269,27 @@ def freeze_thresholds(optimizer) -> None:
         if group["name"] == "thresholds":
             for p in group["params"]:
                 p.grad = None
+
+
+@torch.no_grad()
+def hold_pruned(model: nn.Module, optimizer) -> None:
+    """Clear the optimiser's running averages of σ at every pruned direction (gain 0).
+
+    A pruned direction gets no gradient, but Adam's (or SGD's) momentum from before would
+    go on moving its σ for tens of steps and could lift it back over the threshold. Called
+    before every step on which the rank-learning decay does not act (the fine-tuning phase,
+    or ``target_params`` holding the schedule), so that what is pruned stays pruned unless
+    the loss itself lowers the threshold under it.
+    """
+    for m in model.modules():
+        if isinstance(m, LowRankSTR):
+            state = optimizer.state.get(m.sigma)
+            if not state:
+                continue
+            dead = m.gains() == 0
+            for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+                if state.get(key) is not None:
+                    state[key][dead] = 0
 
 
 def grad_norm(parameters) -> float:
@@ -370,6 +418,7 @@ class _Trainer:
             raise ValueError(f"batch_size={c.batch_size} is not divisible by the {dist.world} processes")
         mean, std, self.seq_len = split_statistics(self.splits["train"])
         self.model = build_model(c, self.input_size, len(self.classes), mean, std).to(dist.device)
+        self.start_params = count_params(self.model)  # before any pruning, also when resuming
         self.optimizer = make_optimizer(self.model, c)
         self.scheduler = make_scheduler(self.optimizer, c)
         self.sampler = DistributedSampler(self.splits["train"], num_replicas=dist.world, rank=dist.rank,
@@ -418,7 +467,9 @@ class _Trainer:
         if hasattr(self.splits["train"], "set_epoch"):
             self.splits["train"].set_epoch(self.epoch)  # a fresh augmentation draw per epoch
         params = [p for p in self.model.parameters() if p.requires_grad]
-        loss_sum = correct = count = skipped = 0
+        n_batches = len(self.loader) if not c.limit_batches else min(c.limit_batches, len(self.loader))
+        pruning = c.prune_epochs is None or self.epoch < c.prune_epochs
+        loss_sum = correct = count = skipped = decayed = 0
         norm_max = 0.0
         for i, (x, lengths, y) in enumerate(self.loader):
             if c.limit_batches and i >= c.limit_batches:
@@ -452,10 +503,14 @@ class _Trainer:
                 for p in params:
                     if p.grad is not None:
                         p.grad.mul_(scale)
-            if c.prune_epochs is not None and self.epoch >= c.prune_epochs:
+            prune = pruning and self._above_schedule((self.epoch + i / n_batches) / c.prune_epochs
+                                                     if c.target_params is not None else 0.0)
+            if not pruning:
                 freeze_thresholds(self.optimizer)  # fine-tuning phase: the learned ranks stay
-            else:
-                apply_decay(self.optimizer, c)
+            apply_decay(self.optimizer, c, prune=prune)
+            if not prune:
+                hold_pruned(self.model, self.optimizer)
+            decayed += prune
             self.optimizer.step()
             self.steps += 1
             if c.reorth_every and self.steps % c.reorth_every == 0:
@@ -469,7 +524,16 @@ class _Trainer:
         loss_sum, correct, count, skipped = self.dist.all_sum([loss_sum, correct, count, skipped])
         return {"train_loss": loss_sum / count if count else float("nan"),
                 "train_acc": 100.0 * correct / count if count else float("nan"),
-                "skipped_steps": int(skipped), "grad_norm_max": norm_max}
+                "skipped_steps": int(skipped), "grad_norm_max": norm_max, "pruning_steps": decayed}
+
+    def _above_schedule(self, progress: float) -> bool:
+        """Whether the rank-learning decay acts on this step: always, or with
+        ``target_params`` while the model is above :func:`scheduled_params` (parameters are
+        the same on every process, so every process decides alike)."""
+        c = self.config
+        if c.target_params is None:
+            return True
+        return count_params(self.model) > scheduled_params(self.start_params, c.target_params, progress)
 
     def _accuracy(self, split: str) -> float:
         c, dist = self.config, self.dist

@@ -301,6 +301,74 @@ def test_prune_epochs_freezes_thresholds_and_stops_decay(tmp_path):
         assert rows[3]["ranks"][name] <= rows[1]["ranks"][name]
 
 
+def test_scheduled_params_falls_cubically_from_start_to_target():
+    start, target = 1000, 100
+    assert engine.scheduled_params(start, target, 0.0) == start
+    ramp = engine.PRUNE_RAMP
+    assert engine.scheduled_params(start, target, ramp) == target == engine.scheduled_params(start, target, 1.0)
+    # half-way along the ramp, (1/2)^3 of the distance is left
+    assert engine.scheduled_params(start, target, ramp / 2) == pytest.approx(target + (start - target) / 8)
+    values = [engine.scheduled_params(start, target, p / 20) for p in range(21)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_target_params_stops_pruning_at_the_target(tmp_path):
+    """Decay acts only while the model is above the schedule: the same lambda that prunes
+    everything without a target stops at the target (under it by at most what the last
+    decay step took) and holds it through fine-tuning."""
+    base = dict(epochs=5, hidden_size=24, spectrum_penalty="l1", spectrum_decay=5.0, prune_epochs=4)
+    free = train(tiny_config(**base), tmp_path / "free", datasets=tiny_splits())
+    target = 600
+    row = train(tiny_config(**base, target_params=target), tmp_path / "target", datasets=tiny_splits())
+    rows, free_rows = runs.read_metrics(tmp_path / "target"), runs.read_metrics(tmp_path / "free")
+    assert free["final_rank_u_total"] == 0 and free["final_params"] < 200
+    assert rows[0]["params"] > target >= row["final_params"] > free["final_params"]
+    assert row["final_rank_u_total"] > 0
+    # no decay once the target is held, nor while fine-tuning; the ranks stay
+    assert rows[-2]["pruning_steps"] == rows[-1]["pruning_steps"] == 0
+    assert rows[-1]["ranks"] == rows[-2]["ranks"]
+    assert sum(r["pruning_steps"] for r in rows) < sum(r["pruning_steps"] for r in free_rows)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"mode": "fixed", "rank_w": 2, "rank_u": 2}, "needs mode str"),
+    ({"prune_epochs": None}, "needs prune_epochs"),
+    ({"spectrum_decay": 0.0}, "needs spectrum_decay > 0"),
+    ({"target_params": 0}, "target_params=0: expected a positive integer"),
+])
+def test_target_params_rejects_settings_it_cannot_use(changes, message):
+    cfg = tiny_config(spectrum_decay=1.0, prune_epochs=2, target_params=100).replace(**changes)
+    with pytest.raises(ValueError, match=message):
+        cfg.resolved()
+
+
+def test_hold_pruned_stops_momentum_reviving_a_pruned_direction():
+    """A σ entry pushed to 0 keeps Adam's momentum: without hold_pruned the next steps move
+    it (and could lift it over the threshold); with it, it stays where it is."""
+    cfg = tiny_config().resolved()
+    moved = {}
+    for hold in (False, True):
+        torch.manual_seed(0)
+        model = engine.build_model(cfg, 3, 2)
+        opt = engine.make_optimizer(model, cfg)
+        u = model.rnn.layers[0].U
+        x = torch.randn(4, 5, 3)
+        for _ in range(3):  # build up momentum on every σ entry
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+        with torch.no_grad():
+            u.sigma[0] = 0.0  # pruned: gain 0, so no gradient from here on
+        opt.zero_grad()
+        model(x).sum().backward()
+        assert u.sigma.grad[0] == 0
+        if hold:
+            engine.hold_pruned(model, opt)
+        opt.step()
+        moved[hold] = float(u.sigma.detach()[0].abs())
+    assert moved[False] > 1e-4 and moved[True] == 0
+
+
 def test_reorthogonalize_keeps_the_model_and_resets_optimiser_state():
     cfg = tiny_config().resolved()
     model = engine.build_model(cfg, 3, 2)
