@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -142,11 +143,27 @@ def ratio(num: list, den: list) -> float:
 # ---------------------------------------------------------------------------------------
 # memory
 # ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """File descriptor 2 to /dev/null: torch's profiler (kineto) logs a line to the process's
+    stderr at every start and stop, which would bury the report. Python exceptions still
+    propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_bytes_cpu(step) -> int:
     """Peak of the running sum of torch's CPU allocations and frees during ``step()``."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())

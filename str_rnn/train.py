@@ -12,6 +12,9 @@ on one task and leaves a run directory (see :mod:`str_rnn.runs`). One step::
               σ (spectra):       spectrum_decay (l2), or |σ| -= lr·λ clipped at 0 (l1)
               s (thresholds):    s -= lr·λ_s·(s - threshold_target)
     p    -= Adam/SGD step                                  factors at lr · lr_factors
+    σ, s decay only during prune_epochs (then s frozen), and with target_params only while
+    the model's effective parameters are above the gradual-pruning schedule; on steps
+    without it, σ's optimiser state is cleared at pruned directions (hold_pruned)
     every reorth_every steps: re-SVD each learned-rank matrix, reset its optimiser state
 
 Decay is applied outside the optimiser's normalisation (as AdamW does): an L2 term inside
