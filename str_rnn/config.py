@@ -95,8 +95,9 @@ class OptimConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 = off); the norm is "
                           "computed in float64 and a non-finite norm is never used to scale")
     prune_epochs: int | None = _f(None, "epochs during which spectrum_decay and threshold_decay act (the ranks "
-                                  "are learned); afterwards decay stops and the thresholds are frozen, so the "
-                                  "surviving directions fine-tune at the learned rank (default: decay all run)")
+                                  "are learned); afterwards they stop (weight_decay goes on), the thresholds are "
+                                  "frozen and pruned directions stay pruned, so the surviving directions "
+                                  "fine-tune at the learned rank (default: decay all run)")
     target_params: int | None = _f(None, "prune to this many effective parameters (gradual pruning): during "
                                    "prune_epochs the spectrum and threshold decay act only while the model "
                                    "holds more than a cubic schedule from its starting size down to "

@@ -506,8 +506,7 @@ class _Trainer:
                 for p in params:
                     if p.grad is not None:
                         p.grad.mul_(scale)
-            prune = pruning and self._above_schedule((self.epoch + i / n_batches) / c.prune_epochs
-                                                     if c.target_params is not None else 0.0)
+            prune = pruning and self._above_schedule(i, n_batches)
             if not pruning:
                 freeze_thresholds(self.optimizer)  # fine-tuning phase: the learned ranks stay
             apply_decay(self.optimizer, c, prune=prune)
@@ -529,13 +528,15 @@ class _Trainer:
                 "train_acc": 100.0 * correct / count if count else float("nan"),
                 "skipped_steps": int(skipped), "grad_norm_max": norm_max, "pruning_steps": decayed}
 
-    def _above_schedule(self, progress: float) -> bool:
-        """Whether the rank-learning decay acts on this step: always, or with
-        ``target_params`` while the model is above :func:`scheduled_params` (parameters are
-        the same on every process, so every process decides alike)."""
+    def _above_schedule(self, batch: int, n_batches: int) -> bool:
+        """Whether the rank-learning decay acts on this step (batch ``batch`` of the epoch)
+        of the pruning phase: always, or with ``target_params`` while the model is above
+        :func:`scheduled_params` (parameters are the same on every process, so every
+        process decides alike)."""
         c = self.config
         if c.target_params is None:
             return True
+        progress = (self.epoch + batch / n_batches) / c.prune_epochs
         return count_params(self.model) > scheduled_params(self.start_params, c.target_params, progress)
 
     def _accuracy(self, split: str) -> float:
