@@ -470,7 +470,7 @@ class _Trainer:
         if hasattr(self.splits["train"], "set_epoch"):
             self.splits["train"].set_epoch(self.epoch)  # a fresh augmentation draw per epoch
         params = [p for p in self.model.parameters() if p.requires_grad]
-        n_batches = len(self.loader) if not c.limit_batches else min(c.limit_batches, len(self.loader))
+        n_batches = self._batches_per_epoch
         pruning = c.prune_epochs is None or self.epoch < c.prune_epochs
         loss_sum = correct = count = skipped = decayed = 0
         norm_max = 0.0
@@ -528,6 +528,12 @@ class _Trainer:
                 "train_acc": 100.0 * correct / count if count else float("nan"),
                 "skipped_steps": int(skipped), "grad_norm_max": norm_max, "pruning_steps": decayed}
 
+    @property
+    def _batches_per_epoch(self) -> int:
+        """Batches an epoch trains on (``limit_batches`` caps the loader's)."""
+        n = len(self.loader)
+        return min(self.config.limit_batches, n) if self.config.limit_batches else n
+
     def _above_schedule(self, batch: int, n_batches: int) -> bool:
         """Whether the rank-learning decay acts on this step (batch ``batch`` of the epoch)
         of the pruning phase: always, or with ``target_params`` while the model is above
@@ -569,8 +575,7 @@ class _Trainer:
             while self.epoch < c.epochs:
                 start = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]
-                n_batches = len(self.loader) if not c.limit_batches else min(c.limit_batches, len(self.loader))
-                with tqdm(total=n_batches, desc=f"epoch {self.epoch + 1}", leave=False, disable=not show,
+                with tqdm(total=self._batches_per_epoch, desc=f"epoch {self.epoch + 1}", leave=False, disable=not show,
                           file=sys.stderr) as bar:
                     stats = self._train_epoch(bar if show else None)
                 self.epoch += 1
