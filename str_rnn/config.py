@@ -106,6 +106,9 @@ class OptimConfig:
                                    "mode str, prune_epochs and spectrum_decay > 0")
     reorth_every: int = _f(0, "re-orthogonalise every learned-rank matrix (re-SVD, same product) every N "
                            "optimiser steps and reset its optimiser state (0 = off)")
+    recurrent_norm_cap: float = _f(0.0, "after every optimiser step, scale each recurrent matrix U back to this "
+                                   "spectral norm ||U||_2 when it is above it (projected gradient): bounds the "
+                                   "growth of U that makes backprop through time explode (0 = off)")
     on_nonfinite: str = _f("stop", "on a NaN/inf loss or gradient norm: stop with an error keeping the last "
                            "good checkpoint, or skip the step (counted in metrics.jsonl)",
                            choices=("stop", "skip"))
@@ -289,7 +292,7 @@ class TrainConfig:
             if not c[name] > 0:
                 raise ValueError(f"{name}={c[name]!r}: expected a positive number")
         for name in ("weight_decay", "spectrum_decay", "threshold_decay", "grad_clip", "momentum",
-                     "reorth_every", "threads", "num_workers", "limit_batches", "seed"):
+                     "reorth_every", "recurrent_norm_cap", "threads", "num_workers", "limit_batches", "seed"):
             if c[name] is not None and c[name] < 0:
                 raise ValueError(f"{name}={c[name]!r}: expected a non-negative number")
         if c["mode"] == "fixed" and (c["rank_w"] is None or c["rank_u"] is None):

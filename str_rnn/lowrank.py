@@ -6,6 +6,7 @@ Every parameterisation is an ``nn.Module`` holding an ``out x in`` matrix ``M`` 
 * ``rank`` / ``max_rank``: the current rank of ``M`` and the largest it can have,
 * ``forward(x) = x @ M.T``, computed the cheap way (see :meth:`Matrix.chain`),
 * ``effective_params``: the number of floats a compacted copy holds,
+* ``scale_(factor)``: ``M <- factor · M`` in place, keeping the rank (``spectral_norm()`` is ``‖M‖₂``),
 * ``from_dense(weight)``: a classmethod reproducing a given matrix,
 * ``spec()``: the JSON-able constructor arguments (see :mod:`str_rnn.serialize`).
 
@@ -88,6 +89,10 @@ class Matrix(nn.Module):
     def spec(self) -> dict:
         return {"type": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features}
 
+    def scale_(self, factor: float) -> None:  # pragma: no cover - abstract
+        """``M <- factor · M`` in place, exactly, for ``factor > 0`` (rank and pattern unchanged)."""
+        raise NotImplementedError
+
     # -- shared behaviour -------------------------------------------------------------
     @property
     def max_rank(self) -> int:
@@ -115,6 +120,11 @@ class Matrix(nn.Module):
         for c in self.chain():
             x = x @ c
         return x
+
+    @torch.no_grad()
+    def spectral_norm(self) -> float:
+        """``‖M‖₂``, the largest singular value of ``M``."""
+        return float(torch.linalg.matrix_norm(self.weight.detach().double(), ord=2))
 
     def flops(self) -> int:
         """Floating-point operations (2 per multiply-add) of one matrix-vector product."""
@@ -145,6 +155,10 @@ class Dense(Matrix):
     @property
     def effective_params(self) -> int:
         return self.in_features * self.out_features
+
+    @torch.no_grad()
+    def scale_(self, factor: float) -> None:
+        self._weight.mul_(factor)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, **kwargs) -> "Dense":
@@ -189,6 +203,10 @@ class FixedRank(Matrix):
     @property
     def effective_params(self) -> int:
         return self._rank * (self.in_features + self.out_features)
+
+    @torch.no_grad()
+    def scale_(self, factor: float) -> None:
+        self.W1.mul_(factor)
 
     def chain(self, max_cost: float = 1.0) -> list[torch.Tensor]:
         if self._factored(self._rank, max_cost):
@@ -296,6 +314,11 @@ class LowRankSTR(Matrix):
     @property
     def effective_params(self) -> int:
         return min(self.rank * (self.in_features + self.out_features), self.in_features * self.out_features)
+
+    @torch.no_grad()
+    def scale_(self, factor: float) -> None:
+        # through A, not σ: the gains S_g(σ, s) and so the rank and the threshold's meaning stay
+        self.A.mul_(factor)
 
     def active_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L, R)`` with ``M = L @ Rᵀ`` over the active columns only: ``L = A[:, nz] * S_g(σ, s)[nz]``."""
@@ -412,6 +435,13 @@ class SparseSTR(_Sparse):
     def nnz(self) -> int:
         return int((self.weight != 0).sum())
 
+    @torch.no_grad()
+    def scale_(self, factor: float) -> None:
+        # |M_ij| = |raw_ij| - τ on the kept entries: scale that excess, leave pruned ones below τ
+        tau = self.threshold().detach()
+        kept = self.raw.abs() > tau
+        self.raw.copy_(torch.where(kept, self.raw.sign() * (factor * (self.raw.abs() - tau) + tau), self.raw))
+
     def spec(self) -> dict:
         return {**super().spec(), "g": self.threshold.g}
 
@@ -457,6 +487,10 @@ class FixedSparse(_Sparse):
     @property
     def nnz(self) -> int:
         return self.values.numel()
+
+    @torch.no_grad()
+    def scale_(self, factor: float) -> None:
+        self.values.mul_(factor)
 
     @property
     def weight(self) -> torch.Tensor:
