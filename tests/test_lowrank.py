@@ -126,6 +126,26 @@ def test_fixed_sparse_holds_only_nonzeros():
         FixedSparse(5, 6, 31)
 
 
+@pytest.mark.parametrize("kind", list(_exact_kinds()))
+@pytest.mark.parametrize("factor", [0.3, 2.0])
+def test_scale_multiplies_the_matrix_and_keeps_its_pattern(kind, factor, prune_to_rank):
+    torch.manual_seed(0)
+    w = torch.randn(7, 6)
+    m = _exact_kinds()[kind](w)
+    if isinstance(m, LowRankSTR):
+        with torch.no_grad():
+            m.sigma.copy_(torch.linspace(0.9, 0.1, m.max_rank))  # distinct and < 1 (g = sigmoid) to cut at 3
+        prune_to_rank(m, 3)
+    elif isinstance(m, SparseSTR):
+        with torch.no_grad():
+            m.threshold.s.fill_(-0.5)  # prune the entries under exp(-0.5)
+    before, rank, params = m.weight.detach().clone(), m.rank, m.effective_params
+    assert m.spectral_norm() == pytest.approx(float(torch.linalg.svdvals(before.double())[0]), rel=1e-6)
+    m.scale_(factor)
+    torch.testing.assert_close(m.weight.detach(), factor * before, atol=1e-6, rtol=1e-5)
+    assert (m.rank, m.effective_params) == (rank, params)
+
+
 # -- re-orthogonalisation ------------------------------------------------------------------
 
 def _drifted(m: LowRankSTR, prune_to_rank, r: int) -> LowRankSTR:

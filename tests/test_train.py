@@ -369,6 +369,45 @@ def test_hold_pruned_stops_momentum_reviving_a_pruned_direction():
     assert moved[False] > 1e-4 and moved[True] == 0
 
 
+@pytest.mark.parametrize("mode", ["str", "fixed", "dense"])
+def test_cap_recurrent_norm_projects_only_the_matrices_above_the_cap(mode):
+    ranks = dict(rank_w=2, rank_u=3) if mode == "fixed" else {}
+    cfg = tiny_config(mode=mode, hidden_size=8, num_layers=2, **ranks).resolved()
+    torch.manual_seed(0)
+    model = engine.build_model(cfg, 3, 2)
+    us = engine.recurrent_matrices(model)
+    assert len(us) == 2
+    with torch.no_grad():
+        us[0].scale_(5.0 / us[0].spectral_norm())  # above the cap: projected onto it
+        us[1].scale_(1.0 / us[1].spectral_norm())  # under it: untouched
+    w0 = model.rnn.layers[0].W.weight.detach().clone()
+    u0, u1 = (u.weight.detach().clone() for u in us)
+    assert engine.recurrent_norm(model) == pytest.approx(5.0)
+    assert engine.cap_recurrent_norm(model, 2.0) == 1
+    assert us[0].spectral_norm() == pytest.approx(2.0, rel=1e-5)
+    torch.testing.assert_close(us[0].weight.detach(), u0 * 0.4)
+    assert torch.equal(us[1].weight.detach(), u1)
+    assert torch.equal(model.rnn.layers[0].W.weight.detach(), w0)  # W is not recurrent
+    assert engine.cap_recurrent_norm(model, 2.0) == 0
+
+
+def test_recurrent_norm_cap_rejects_a_negative_cap():
+    with pytest.raises(ValueError, match="recurrent_norm_cap=-1.0: expected a non-negative number"):
+        tiny_config(recurrent_norm_cap=-1.0).resolved()
+
+
+def test_recurrent_norm_cap_bounds_training(tmp_path):
+    """Without the cap, a high learning rate drives ||U||_2 above 0.5 within an epoch;
+    with it, every step ends projected back and the metrics say so."""
+    base = dict(epochs=2, hidden_size=8, lr=0.05, lr_factors=1.0)
+    train(tiny_config(**base), tmp_path / "free", datasets=tiny_splits())
+    train(tiny_config(**base, recurrent_norm_cap=0.5), tmp_path / "cap", datasets=tiny_splits())
+    free, capped = runs.read_metrics(tmp_path / "free"), runs.read_metrics(tmp_path / "cap")
+    assert max(r["recurrent_norm"] for r in free) > 0.5
+    assert all(r["recurrent_norm"] <= 0.5 * (1 + 1e-5) for r in capped)
+    assert capped[0]["capped_steps"] > 0 and free[0]["capped_steps"] == 0
+
+
 def test_reorthogonalize_keeps_the_model_and_resets_optimiser_state():
     cfg = tiny_config().resolved()
     model = engine.build_model(cfg, 3, 2)
