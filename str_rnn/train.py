@@ -73,7 +73,7 @@ from .serialize import save
 
 __all__ = ["train", "evaluate", "count_correct", "load_splits", "build_model", "split_statistics",
            "make_optimizer", "make_scheduler", "apply_decay", "freeze_thresholds", "grad_norm", "reorthogonalize",
-           "cap_recurrent_norm", "recurrent_norm",
+           "cap_recurrent_norm", "recurrent_norm", "recurrent_matrices",
            "NonFiniteError", "TrainingInterrupted"]
 
 CHECKPOINT_VERSION = 1
