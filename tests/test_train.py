@@ -397,7 +397,7 @@ def test_recurrent_norm_cap_rejects_a_negative_cap():
 
 
 def test_recurrent_norm_cap_bounds_training(tmp_path):
-    """Without the cap, a high learning rate drives ||U||_2 above 0.5 within an epoch;
+    """Without the cap, a high learning rate drives ||U||_2 above 0.5 within two epochs;
     with it, every step ends projected back and the metrics say so."""
     base = dict(epochs=2, hidden_size=8, lr=0.05, lr_factors=1.0)
     train(tiny_config(**base), tmp_path / "free", datasets=tiny_splits())
