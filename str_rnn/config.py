@@ -293,7 +293,7 @@ class TrainConfig:
                 raise ValueError(f"{name}={c[name]!r}: expected a positive number")
         for name in ("weight_decay", "spectrum_decay", "threshold_decay", "grad_clip", "momentum",
                      "reorth_every", "recurrent_norm_cap", "threads", "num_workers", "limit_batches", "seed"):
-            if c[name] is not None and c[name] < 0:
+            if c[name] is not None and not c[name] >= 0:  # NaN too: it compares False either way
                 raise ValueError(f"{name}={c[name]!r}: expected a non-negative number")
         if c["mode"] == "fixed" and (c["rank_w"] is None or c["rank_u"] is None):
             raise ValueError(f"mode=fixed needs rank_w and rank_u (got rank_w={c['rank_w']}, "

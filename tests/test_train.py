@@ -391,9 +391,15 @@ def test_cap_recurrent_norm_projects_only_the_matrices_above_the_cap(mode):
     assert engine.cap_recurrent_norm(model, 2.0) == 0
 
 
-def test_recurrent_norm_cap_rejects_a_negative_cap():
-    with pytest.raises(ValueError, match="recurrent_norm_cap=-1.0: expected a non-negative number"):
-        tiny_config(recurrent_norm_cap=-1.0).resolved()
+@pytest.mark.parametrize("value", [-1.0, float("nan")])
+def test_recurrent_norm_cap_rejects_a_negative_or_nan_cap(value):
+    with pytest.raises(ValueError, match=f"recurrent_norm_cap={value!r}: expected a non-negative number"):
+        tiny_config(recurrent_norm_cap=value).resolved()
+
+
+def test_nan_decay_is_rejected():
+    with pytest.raises(ValueError, match="weight_decay=nan: expected a non-negative number"):
+        tiny_config(weight_decay=float("nan")).resolved()
 
 
 def test_recurrent_norm_cap_bounds_training(tmp_path):
