@@ -15,6 +15,8 @@ on one task and leaves a run directory (see :mod:`str_rnn.runs`). One step::
     σ, s decay only during prune_epochs (then s frozen), and with target_params only while
     the model's effective parameters are above the gradual-pruning schedule; on steps
     without it, σ's optimiser state is cleared at pruned directions (hold_pruned)
+    exact_target: of the directions this step pruned, only as many as keep the model above
+    the schedule stay pruned (smallest margin first); the rest get their margin back
     every reorth_every steps: re-SVD each learned-rank matrix, reset its optimiser state
     U    *= min(1, recurrent_norm_cap / ‖U‖₂)              every recurrent matrix, when capped
 
@@ -336,6 +338,50 @@ def cap_recurrent_norm(model: nn.Module, cap: float) -> int:
 
 
 @torch.no_grad()
+def spectra_snapshot(model: nn.Module) -> list[tuple[LowRankSTR, torch.Tensor, torch.Tensor]]:
+    """``(matrix, σ, g(s))`` of every learned-rank matrix of ``model``, copied (for
+    :func:`limit_pruning` after a step)."""
+    return [(m, m.sigma.detach().clone(), m.threshold().detach().clone())
+            for m in model.modules() if isinstance(m, LowRankSTR)]
+
+
+@torch.no_grad()
+def limit_pruning(model: nn.Module, before, floor: float) -> int:
+    r"""Undo the prunings of one step that take ``model`` under ``floor`` effective parameters.
+
+    A direction ``j`` was pruned by the step when its gain ``S_g(σ_j, s)`` went from nonzero
+    (``|σ₀_j| > g(s₀)`` in ``before``, a :func:`spectra_snapshot`) to 0. One decay step moves
+    every ``σ`` at once and Adam's momentum moves them further, so a step can prune several
+    directions that sat just above the threshold, each costing ``out + in`` parameters.
+    Here they are pruned one at a time, smallest margin ``|σ₀_j| - g(s₀)`` first, while the
+    model holds more than ``floor`` parameters: the first goes whenever the model was above
+    the floor (so pruning progresses) and the model ends at most one direction under it.
+    Every other direction gets its margin back over the step's new threshold,
+    ``σ_j <- sign(σ₀_j) (g(s) + |σ₀_j| - g(s₀))``, so it stays active. Returns their number.
+    """
+    pruned = []
+    for m, sigma0, thr0 in before:
+        margin0 = sigma0.abs() - thr0
+        for j in ((margin0 > 0) & (m.gains() == 0)).nonzero().flatten().tolist():
+            pruned.append((float(margin0[j]), m, j, sigma0[j]))
+    if not pruned:
+        return 0
+    pruned.sort(key=lambda item: item[0])
+    after = [m.sigma[j].clone() for _, m, j, _ in pruned]
+    for margin0, m, j, sigma0_j in pruned:
+        thr = m.threshold().detach()
+        back = torch.maximum(thr + margin0, torch.nextafter(thr, torch.tensor(float("inf"))))
+        m.sigma[j] = torch.sign(sigma0_j) * back
+    kept = 0
+    for (_, m, j, _), sigma_after in zip(pruned, after):
+        if count_params(model) > floor:
+            m.sigma[j] = sigma_after
+        else:
+            kept += 1
+    return kept
+
+
+@torch.no_grad()
 def reorthogonalize(model: nn.Module, optimizer) -> int:
     """Re-SVD every learned-rank matrix (same product) and drop its factors' optimiser state."""
     n = 0
@@ -507,7 +553,7 @@ class _Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         n_batches = self._batches_per_epoch
         pruning = c.prune_epochs is None or self.epoch < c.prune_epochs
-        loss_sum = correct = count = skipped = decayed = capped = 0
+        loss_sum = correct = count = skipped = decayed = capped = kept = 0
         norm_max = 0.0
         for i, (x, lengths, y) in enumerate(self.loader):
             if c.limit_batches and i >= c.limit_batches:
@@ -541,7 +587,9 @@ class _Trainer:
                 for p in params:
                     if p.grad is not None:
                         p.grad.mul_(scale)
-            prune = pruning and self._above_schedule(i, n_batches)
+            floor = self._params_floor(i, n_batches)
+            prune = pruning and (floor is None or count_params(self.model) > floor)
+            before = spectra_snapshot(self.model) if c.exact_target else None
             if not pruning:
                 freeze_thresholds(self.optimizer)  # fine-tuning phase: the learned ranks stay
             apply_decay(self.optimizer, c, prune=prune)
@@ -549,6 +597,8 @@ class _Trainer:
                 hold_pruned(self.model, self.optimizer)
             decayed += prune
             self.optimizer.step()
+            if before is not None:
+                kept += limit_pruning(self.model, before, floor)
             self.steps += 1
             if c.reorth_every and self.steps % c.reorth_every == 0:
                 reorthogonalize(self.model, self.optimizer)
@@ -564,7 +614,7 @@ class _Trainer:
         return {"train_loss": loss_sum / count if count else float("nan"),
                 "train_acc": 100.0 * correct / count if count else float("nan"),
                 "skipped_steps": int(skipped), "grad_norm_max": norm_max, "pruning_steps": decayed,
-                "capped_steps": capped}
+                "capped_steps": capped, "pruning_undone": kept}
 
     @property
     def _batches_per_epoch(self) -> int:
@@ -572,16 +622,17 @@ class _Trainer:
         n = len(self.loader)
         return min(self.config.limit_batches, n) if self.config.limit_batches else n
 
-    def _above_schedule(self, batch: int, n_batches: int) -> bool:
-        """Whether the rank-learning decay acts on this step (batch ``batch`` of the epoch)
-        of the pruning phase: always, or with ``target_params`` while the model is above
-        :func:`scheduled_params` (parameters are the same on every process, so every
-        process decides alike)."""
+    def _params_floor(self, batch: int, n_batches: int) -> float | None:
+        """The size the model is pruned towards on this step (batch ``batch`` of the epoch):
+        with ``target_params``, :func:`scheduled_params` (``target_params`` once the pruning
+        phase is over), else None. The rank-learning decay acts on a step of the pruning
+        phase only while the model is above it (parameters are the same on every process,
+        so every process decides alike)."""
         c = self.config
         if c.target_params is None:
-            return True
+            return None
         progress = (self.epoch + batch / n_batches) / c.prune_epochs
-        return count_params(self.model) > scheduled_params(self.start_params, c.target_params, progress)
+        return scheduled_params(self.start_params, c.target_params, progress)
 
     def _accuracy(self, split: str) -> float:
         c, dist = self.config, self.dist

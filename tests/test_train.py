@@ -18,6 +18,7 @@ import torch
 import str_rnn
 from str_rnn import runs
 from str_rnn import train as engine
+from str_rnn.accounting import count_params
 from str_rnn.config import TrainConfig
 from str_rnn.train import NonFiniteError, TrainingInterrupted, train
 
@@ -328,6 +329,54 @@ def test_target_params_stops_pruning_at_the_target(tmp_path):
     assert rows[-2]["pruning_steps"] == rows[-1]["pruning_steps"] == 0
     assert rows[-1]["ranks"] == rows[-2]["ranks"]
     assert sum(r["pruning_steps"] for r in rows) < sum(r["pruning_steps"] for r in free_rows)
+
+
+def test_limit_pruning_prunes_smallest_margins_first_down_to_the_floor():
+    """Four directions of U die on one simulated step: with the floor one direction under
+    the model's size only the smallest-margin one stays pruned and the other three get
+    their old margin back over the new threshold; with a low floor all four stay pruned."""
+    cfg = tiny_config(hidden_size=24).resolved()
+    for floor_directions, expect_kept in ((1, 3), (100, 0)):
+        torch.manual_seed(0)
+        model = engine.build_model(cfg, 3, 2)
+        u = model.rnn.layers[0].U
+        cost = u.in_features + u.out_features
+        with torch.no_grad():
+            u.threshold.s.fill_(math.log(0.05))
+            u.sigma.zero_()  # rank 8 of 24: each direction costs out + in
+            u.sigma[:8] = torch.tensor([2.0, 1.5, 1.0, 0.8, 0.4, 0.3, 0.2, 0.1])
+        size = count_params(model)
+        before = engine.spectra_snapshot(model)
+        with torch.no_grad():
+            u.sigma[4:8] = -0.01  # the last four fall under the threshold at once
+            u.threshold.s.fill_(math.log(0.06))  # and the threshold moved
+        floor = max(0, size - floor_directions * cost)
+        kept = engine.limit_pruning(model, before, floor)
+        assert kept == expect_kept
+        assert count_params(model) == size - (4 - kept) * cost
+        if kept:
+            assert u.gains()[7] == 0  # smallest margin: pruned
+            torch.testing.assert_close(u.sigma[4:7].detach(), torch.tensor([0.4, 0.3, 0.2]) - 0.05 + 0.06)
+        assert u.rank == 8 - (4 - kept)
+
+
+def test_exact_target_lands_within_one_direction_of_the_target(tmp_path):
+    """A decay strong enough to prune every direction in one step: the plain schedule
+    overshoots the target by many directions, exact_target lands at most one under."""
+    base = dict(epochs=3, hidden_size=24, spectrum_penalty="l1", spectrum_decay=60.0, prune_epochs=2,
+                target_params=500)  # from 748
+    loose = train(tiny_config(**base), tmp_path / "loose", datasets=tiny_splits())
+    exact = train(tiny_config(**base, exact_target=True), tmp_path / "exact", datasets=tiny_splits())
+    direction = 24 + 24  # a direction of U (24 x 24) costs out + in
+    assert loose["final_params"] < 500 - 2 * direction
+    assert 500 - direction <= exact["final_params"] <= 500
+    assert sum(r["pruning_undone"] for r in runs.read_metrics(tmp_path / "exact")) > 0
+    assert all(r["pruning_undone"] == 0 for r in runs.read_metrics(tmp_path / "loose"))
+
+
+def test_exact_target_needs_target_params():
+    with pytest.raises(ValueError, match="exact_target=true .* needs target_params"):
+        tiny_config(exact_target=True).resolved()
 
 
 @pytest.mark.parametrize("changes, message", [
