@@ -15,8 +15,8 @@ on one task and leaves a run directory (see :mod:`str_rnn.runs`). One step::
     σ, s decay only during prune_epochs (then s frozen), and with target_params only while
     the model's effective parameters are above the gradual-pruning schedule; on steps
     without it, σ's optimiser state is cleared at pruned directions (hold_pruned)
-    exact_target: of the directions this step pruned, only as many as keep the model above
-    the schedule stay pruned (smallest margin first); the rest get their margin back
+    exact_target: the directions this step pruned stay pruned one at a time, smallest margin
+    first, while the model is above the schedule; the rest get their margin back
     every reorth_every steps: re-SVD each learned-rank matrix, reset its optimiser state
     U    *= min(1, recurrent_norm_cap / ‖U‖₂)              every recurrent matrix, when capped
 
