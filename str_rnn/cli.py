@@ -65,15 +65,22 @@ def _parser() -> argparse.ArgumentParser:
                         f"{', '.join(sorted(cfg.RESUMABLE_CHANGES))})")
     cfg.add_config_arguments(t)
 
-    e = sub.add_parser("eval", formatter_class=fmt, help="accuracy of a trained run's model on a split",
+    e = sub.add_parser("eval", formatter_class=fmt, help="accuracy of a run's model, or of every run of a sweep",
                        description="Evaluate a run's model (the selected one in best/ by default) on a split "
-                                   "of its task.",
-                       epilog="example:\n  str-rnn eval runs/har2-fastgrnn-str-s0-20250101-120000 --split test")
-    e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `str-rnn train`")
-    e.add_argument("--data", metavar="DIR", help="dataset folder (default: the one the run used)")
+                                   "of its task. Given a sweep folder (or its results.csv) and --data, score "
+                                   "every finished run's final and selected models on that dataset and write "
+                                   "a results CSV in the sweep's format (results_DATA_SPLIT.csv beside it), "
+                                   "for `str-rnn plot` and tables of another test set.",
+                       epilog="examples:\n  str-rnn eval runs/har2-fastgrnn-str-s0-20250101-120000 --split test\n"
+                              "  str-rnn eval runs/har2_300ep --data ../shared/data/uci_har_test/uci_har_test_full.npz")
+    e.add_argument("run_dir", metavar="RUN_DIR|SWEEP",
+                   help="a run directory written by `str-rnn train`, or a sweep folder / results.csv")
+    e.add_argument("--data", metavar="DIR", help="dataset folder or file (default: the one the run used)")
     e.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default: test)")
-    e.add_argument("--model", choices=("best", "final", "compact"), default="best",
-                   help="which saved model (default: best, i.e. the selected epoch)")
+    e.add_argument("--model", choices=("best", "final", "compact"), default=None,
+                   help="which saved model of a run (default: best, i.e. the selected epoch; a sweep scores "
+                        "final and best)")
+    e.add_argument("--out", metavar="FILE", help="sweep only: the CSV to write (default: beside results.csv)")
     e.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default: 500)")
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
@@ -203,21 +210,44 @@ def _saved_model(run_dir: Path, which: str):
     return load(folder), meta
 
 
+def _is_sweep(path: Path) -> bool:
+    return path.suffix == ".csv" or (path / "results.csv").is_file() or (path / "sweep.json").is_file()
+
+
 def _cmd_eval(args) -> int:
+    from .rescore import check_classes
     from .train import count_correct, load_splits
 
     run_dir = Path(args.run_dir)
+    if _is_sweep(run_dir):
+        return _eval_sweep(args)
+    if args.out:
+        raise UsageError("--out is for a sweep; a run's accuracy is printed")
+    which = args.model or "best"
     config = runs.read_config(run_dir).replace(progress=args.progress)
     if args.data:
         config = config.replace(data=args.data)
-    model, meta = _saved_model(run_dir, args.model)
+    model, meta = _saved_model(run_dir, which)
     dataset = load_splits(config, (args.split,))[args.split]
-    classes = list(getattr(dataset, "classes", meta.get("classes", [])))
-    if meta.get("classes") and classes != meta["classes"]:
-        raise UsageError(f"the {args.split} split's classes {classes} differ from the model's {meta['classes']}")
+    check_classes(dataset, meta, f"{args.split} split of {config.data.data or config.task}")
     correct, total = count_correct(model, dataset, batch_size=args.batch_size)
-    print(f"{args.split} accuracy of {run_dir / args.model} (epoch {meta.get('epoch')}): "
+    print(f"{args.split} accuracy of {run_dir / which} (epoch {meta.get('epoch')}): "
           f"{100.0 * correct / total:.2f}% ({correct}/{total})")
+    return 0
+
+
+def _eval_sweep(args) -> int:
+    from .rescore import rescore
+
+    if not args.data:
+        raise UsageError("scoring a sweep needs --data: the dataset to score its runs on")
+    if args.model:
+        raise UsageError("--model is for one run; a sweep scores every run's final and selected models")
+    out = rescore(args.run_dir, args.data, split=args.split, out=args.out, batch_size=args.batch_size,
+                  progress=args.progress)
+    table = _optional_import("plots", "results_table", "eval")
+    print(table(out))
+    print(f"results: {out}")
     return 0
 
 

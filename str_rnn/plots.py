@@ -124,6 +124,12 @@ def _size(row: dict, x: str, which: str) -> float | None:
     return row.get(f"{which}_{x}")
 
 
+def _scored_on(rows: list[dict]) -> str:
+    """What the accuracies are on: ``"test"``, or the dataset a rescored CSV names (:mod:`str_rnn.rescore`)."""
+    where = rows[0].get("scored_on") if rows else None
+    return f"{Path(str(where).rpartition(':')[0]).name} {str(where).rpartition(':')[2]}" if where else "test"
+
+
 def _mean_std(values) -> tuple[float, float]:
     a = np.asarray(values, dtype=float)
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
@@ -161,7 +167,8 @@ def results_table(results_csv, *, which: str = "final") -> str:
         FileNotFoundError, ValueError: as :func:`read_results`.
     """
     rows = read_results(results_csv)
-    lines = ["| task | group | setting | seeds | params | (r_W, r_U) | test acc % |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| task | group | setting | seeds | params | (r_W, r_U) | {_scored_on(rows)} acc % |",
+             "|---|---|---|---|---|---|---|"]
     for task in sorted({str(r["task"]) for r in rows}):
         here = [r for r in rows if _finished(r) and str(r["task"]) == task]
         for (group, mode), points in _points(here, "params", which).items():
@@ -266,9 +273,9 @@ def plot_accuracy_vs_size(rows: list[dict], out_base, *, x: str = "params", whic
         ax.xaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
         ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     ax.set_xlabel(AXIS_LABELS[x])
-    ax.set_ylabel(f"test accuracy (%), {'last' if which == 'final' else 'selected'} epoch")
+    ax.set_ylabel(f"{_scored_on(rows)} accuracy (%), {'last' if which == 'final' else 'selected'} epoch")
     task = rows[0].get("task", "")
-    ax.set_title(title or f"{task}: test accuracy vs {AXIS_LABELS[x].split(' (')[0]} (mean ± std over seeds)",
+    ax.set_title(title or f"{task}: {_scored_on(rows)} accuracy vs {AXIS_LABELS[x].split(' (')[0]} (mean ± std over seeds)",
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
