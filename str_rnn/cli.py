@@ -246,7 +246,7 @@ def _eval_sweep(args) -> int:
     out = rescore(args.run_dir, args.data, split=args.split, out=args.out, batch_size=args.batch_size,
                   progress=args.progress)
     table = _optional_import("plots", "results_table", "eval")
-    print(table(out))
+    print(table(out, per_seed=True))
     print(f"results: {out}")
     return 0
 

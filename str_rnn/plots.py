@@ -151,31 +151,35 @@ def _points(rows: list[dict], x: str, which: str) -> dict[str, list[dict]]:
             (xm, xs), (ym, ys) = _mean_std([m[1] for m in members]), _mean_std([m[2] for m in members])
             ranks = tuple(_mean_std([r.get(f"{which}_rank_{k}_total") or 0 for r in rows_here])[0] for k in "wu")
             out.append({"x": xm, "xerr": xs, "y": ym, "yerr": ys, "n": len(members), "ranks": ranks,
+                        "per_seed": sorted((m[0].get("seed") or 0, m[2]) for m in members),
                         "mode": rows_here[0]["mode"], "variant": rows_here[0].get("variant") or "",
                         "cell": rows_here[0].get("cell")})
         series[name] = sorted(out, key=lambda p: p["x"])
     return series
 
 
-def results_table(results_csv, *, which: str = "final") -> str:
+def results_table(results_csv, *, which: str = "final", per_seed: bool = False) -> str:
     """A Markdown table of a ``results.csv``: one line per setting, mean ± std over seeds.
 
     Columns: task, group, setting (the sweep's grid values), seeds, effective parameters,
-    ranks ``(r_W, r_U)``, test accuracy. Failed and pending runs are counted below it.
+    ranks ``(r_W, r_U)``, test accuracy, and with ``per_seed`` each run's accuracy in the
+    order of its seed. Failed and pending runs are counted below it.
 
     Raises:
         FileNotFoundError, ValueError: as :func:`read_results`.
     """
     rows = read_results(results_csv)
-    lines = [f"| task | group | setting | seeds | params | (r_W, r_U) | {_scored_on(rows)} acc % |",
-             "|---|---|---|---|---|---|---|"]
+    extra = " per seed |" if per_seed else ""
+    lines = [f"| task | group | setting | seeds | params | (r_W, r_U) | {_scored_on(rows)} acc % |{extra}",
+             "|---|---|---|---|---|---|---|" + ("---|" if per_seed else "")]
     for task in sorted({str(r["task"]) for r in rows}):
         here = [r for r in rows if _finished(r) and str(r["task"]) == task]
         for (group, mode), points in _points(here, "params", which).items():
             for p in sorted(points, key=lambda p: -p["x"]):
                 lines.append(f"| {task} | {group} | {_variant_label(p['variant']) or mode} | {p['n']} | "
                              f"{p['x']:,.0f} ± {p['xerr']:,.0f} | ({p['ranks'][0]:.1f}, {p['ranks'][1]:.1f}) | "
-                             f"{p['y']:.2f} ± {p['yerr']:.2f} |")
+                             f"{p['y']:.2f} ± {p['yerr']:.2f} |" +
+                             (f" {' '.join(f'{acc:.2f}' for _, acc in p['per_seed'])} |" if per_seed else ""))
     others = [r for r in rows if not _finished(r)]
     if others:
         counts = defaultdict(int)

@@ -81,6 +81,9 @@ def test_cli_eval_of_a_sweep(sweep_dir, own_data, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out.splitlines()[-1] == f"results: {tmp_path / 'v.csv'}" and "| har2 | str | str | 2 |" in out
+    scored = {(r["group"], int(r["seed"])): float(r["final_test_acc"]) for r in rows_of(tmp_path / "v.csv")}
+    line = next(x for x in out.splitlines() if x.startswith("| har2 | fixed |"))
+    assert line.endswith(f"| {scored['fixed', 0]:.2f} {scored['fixed', 1]:.2f} |")  # per seed, in seed order
     for argv, message in ([["--split", "val"], "scoring a sweep needs --data"],
                           [["--data", "d", "--model", "final"], "--model is for one run"]):
         assert cli.main(["eval", str(sweep_dir), *argv]) == 2
