@@ -19,6 +19,8 @@ import csv
 import json
 from pathlib import Path
 
+from tqdm import tqdm
+
 from . import runs
 from . import train as engine
 from .serialize import load
@@ -78,33 +80,26 @@ def rescore(results, data, *, split: str = "test", out=None, batch_size: int = 5
     scored_on = f"{data}:{split}"
     out = Path(out) if out else path.with_name(f"results_{Path(str(data).rstrip('/')).stem}_{split}.csv")
     finished = [r for r in rows if r["status"] == "finished"]
-    cache: dict = {}
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(finished), desc=f"scoring on {Path(str(data)).name}:{split}", unit="run")
-    for row in finished:
+    datasets: dict = {}
+    for row in tqdm(finished, desc=f"scoring on {Path(str(data)).name}:{split}", unit="run", disable=not progress):
         run_dir = path.parent / row["run_dir"]
         config = runs.read_config(run_dir).replace(data=str(data), progress=False)
         key = (config.task, repr(sorted(config.data_options.items())))
-        if key not in cache:
-            cache[key] = engine.load_splits(config, (split,))[split]
-        accuracy = {}
-        for which, folder in (("final", "final"), ("selected", "best")):
-            own = row.get(f"{which}_test_acc", "")
-            row[f"own_{which}_test_acc"] = own
-            if which == "selected" and row.get("selected_epoch", "") in ("", None):
-                row["selected_test_acc"] = ""  # no epoch met the selection rule: nothing to score
-                continue
-            if which == "selected" and row.get("selected_epoch") == row.get("final_epoch"):
-                row["selected_test_acc"] = accuracy["final"]  # the same epoch's model
-                continue
-            correct, total = score_saved(run_dir / folder, cache[key], batch_size=batch_size)
-            accuracy[which] = row[f"{which}_test_acc"] = 100.0 * correct / total
-        row["scored_on"] = scored_on
-        if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
+        if key not in datasets:
+            datasets[key] = engine.load_splits(config, (split,))[split]
+
+        def accuracy(folder: str) -> float:
+            correct, total = score_saved(run_dir / folder, datasets[key], batch_size=batch_size)
+            return 100.0 * correct / total
+
+        final = accuracy("final")
+        if row.get("selected_epoch", "") == "":
+            selected = ""  # no epoch met the selection rule: there is no selected model
+        elif row["selected_epoch"] == row.get("final_epoch"):
+            selected = final  # best/ holds the final epoch's model
+        else:
+            selected = accuracy("best")
+        row.update(own_final_test_acc=row.get("final_test_acc", ""),
+                   own_selected_test_acc=row.get("selected_test_acc", ""),
+                   final_test_acc=final, selected_test_acc=selected, scored_on=scored_on)
     return write_results(out, rows)
