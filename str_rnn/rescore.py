@@ -77,6 +77,9 @@ def rescore(results, data, *, split: str = "test", out=None, batch_size: int = 5
         rows = list(csv.DictReader(f))
     if not rows or "run_dir" not in rows[0] or "status" not in rows[0]:
         raise ValueError(f"{path}: expected the results.csv `str-rnn sweep` writes (columns run_dir, status)")
+    if "scored_on" in rows[0]:
+        raise ValueError(f"{path} was written by rescore (scored on {rows[0]['scored_on']}); pass the sweep's "
+                         f"{RESULTS}")
     scored_on = f"{data}:{split}"
     out = Path(out) if out else path.with_name(f"results_{Path(str(data).rstrip('/')).stem}_{split}.csv")
     finished = [r for r in rows if r["status"] == "finished"]

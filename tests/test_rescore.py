@@ -58,6 +58,8 @@ def test_scoring_on_the_runs_own_split_gives_back_their_figures(sweep_dir, own_d
     default = rescore(sweep_dir / "results.csv", "some/dir/official.npz", split=split)
     assert default == sweep_dir / f"results_official_{split}.csv"
     assert f"| official.npz {split} acc % |" in results_table(default).splitlines()[0]
+    with pytest.raises(ValueError, match="written by rescore"):  # its own_* columns would be overwritten
+        rescore(default, "other.npz")
 
 
 def test_another_dataset_is_scored_and_mismatched_classes_are_refused(sweep_dir, monkeypatch, tmp_path):
