@@ -279,7 +279,7 @@ def plot_accuracy_vs_size(rows: list[dict], out_base, *, x: str = "params", whic
     ax.set_xlabel(AXIS_LABELS[x])
     ax.set_ylabel(f"{_scored_on(rows)} accuracy (%), {'last' if which == 'final' else 'selected'} epoch")
     task = rows[0].get("task", "")
-    ax.set_title(title or f"{task}: {_scored_on(rows)} accuracy vs {AXIS_LABELS[x].split(' (')[0]} (mean ± std over seeds)",
+    ax.set_title(title or f"{task}: accuracy vs {AXIS_LABELS[x].split(' (')[0]} (mean ± std over seeds)",
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
