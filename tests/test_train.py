@@ -159,8 +159,10 @@ def test_config_round_trips_and_resolves_task_defaults():
     assert TrainConfig.from_dict(c.to_dict()) == c
     assert TrainConfig.from_dict(c.flat()) == c
     r = c.resolved()
-    assert (r.hidden_size, r.lr_steps, r.threshold_decay) == (100, [20], 0.5)
-    assert TrainConfig().resolved().hidden_size == 80
+    assert (r.hidden_size, r.lr_steps, r.threshold_decay, r.lr_factors) == (100, [20], 0.5, 1.0)
+    assert (TrainConfig().resolved().hidden_size, TrainConfig().resolved().lr_factors) == (80, 0.1)
+    assert TrainConfig().replace(task="fsdd").resolved().lr_factors == 1.0
+    assert c.replace(lr_factors=0.1).resolved().lr_factors == 0.1  # given: kept
     with pytest.raises(ValueError, match="mode=fixed needs rank_w"):
         TrainConfig().replace(mode="fixed").resolved()
     with pytest.raises(ValueError, match="select=budget needs"):
