@@ -67,7 +67,7 @@ class ModelConfig:
     g: str = _f("exp", "threshold function g(s)", choices=("exp", "sigmoid"))
     s_init: float = _f(-10.0, "initial threshold parameter s (g = exp: -10 gives a threshold of 4.5e-5)")
     rank_w: int | None = _f(None, "rank of W: required for mode fixed, a cap for mode str")
-    rank_u: int | None = _f(None, "rank of U: required for mode fixed, a cap for mode str")
+    rank_u: int | None = _f(None, "rank of U: required for mode fixed (0 drops U), a cap for mode str")
 
 
 @dataclass
@@ -295,9 +295,13 @@ class TrainConfig:
         c = self.flat()
         for name in ("num_layers", "epochs", "batch_size", "eval_batch_size"):
             _positive(name, c[name])
-        for name in ("hidden_size", "rank_w", "rank_u", "budget_params", "budget_bytes", "target_params"):
+        for name in ("hidden_size", "rank_w", "budget_params", "budget_bytes", "target_params"):
             if c[name] is not None:
                 _positive(name, c[name])
+        if c["rank_u"] is not None and not (c["rank_u"] >= 1 or c["mode"] == "fixed" and c["rank_u"] == 0):
+            # a fixed U of rank 0 (no recurrent matrix) is what learned rank reaches on small
+            # budgets; as a cap on learned rank, 0 would leave nothing to learn
+            raise ValueError(f"rank_u={c['rank_u']!r}: expected a positive integer (0 only with mode=fixed)")
         for name in ("lr", "lr_factors", "lr_gamma"):
             if c[name] is not None and not c[name] > 0:
                 raise ValueError(f"{name}={c[name]!r}: expected a positive number")

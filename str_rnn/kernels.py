@@ -14,7 +14,8 @@ Conventions (every array C-contiguous, of one float dtype):
   rows, a reduction vectorised by reassociating it (``fastmath={"reassoc"}`` on
   :func:`_matvec` only, as a BLAS sums); from ``Mᵀ`` it adds scaled rows;
 * a chain is one or two matrices, ``y = M_2 (M_1 x)``: four operands
-  ``(m1, m1t, m2, m2t)``, the last two empty for ``y = M_1 x``;
+  ``(m1, m1t, m2, m2t)``, the last two ``(0, 0)`` for ``y = M_1 x`` (a factor of rank 0,
+  ``(out, 0)`` or ``(0, out)``, is a zero matrix, not an absent one);
 * element-wise maths runs in float64 (a float32 value converts exactly) with one ``exp``
   per logistic and per ``tanh``:
 
@@ -76,7 +77,9 @@ def _chain(x, m1, m1t, m2, m2t):
     """``M_2 (M_1 x)`` (``M_1 x`` when both ``M_2`` operands are empty) for every row of ``x``."""
     y = np.empty((x.shape[0], _rows(m1, m1t)), x.dtype)
     _matvec(x, m1, m1t, y)
-    if m2.shape[0] == 0 and m2t.shape[0] == 0:
+    # absent is both operands (0, 0); a rank-0 factor is empty along one side only
+    # ((out, 0) or (0, out)) and must still write its zeros into an [B, out] result
+    if m2.shape[0] + m2.shape[1] + m2t.shape[0] + m2t.shape[1] == 0:
         return y
     out = np.empty((x.shape[0], _rows(m2, m2t)), x.dtype)
     _matvec(y, m2, m2t, out)

@@ -172,14 +172,18 @@ class FixedRank(Matrix):
     from an initial dense matrix, the factors are its rank-``r`` truncated SVD with the
     singular values rescaled so that ``M`` keeps the dense matrix's Frobenius norm (the
     same entry spread), split evenly between ``W1`` and ``W2``.
+
+    ``rank=0`` is allowed: ``M = 0`` with empty factors and no parameters (what learned rank
+    reaches when it prunes a matrix away, e.g. the recurrent ``U`` of a small FastGRNN), so
+    such an allocation can also be trained as a fixed-rank baseline.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, weight: torch.Tensor | None = None,
                  preserve_scale: bool = True):
         super().__init__(in_features, out_features)
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= self.max_rank:
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= self.max_rank:
             raise ValueError(f"rank={rank!r} out of range for a {out_features}x{in_features} matrix; "
-                             f"expected an integer in [1, {self.max_rank}]")
+                             f"expected an integer in [0, {self.max_rank}]")
         self._rank = rank
         if weight is None:
             weight = default_init(out_features, in_features)
@@ -224,7 +228,7 @@ class FixedRank(Matrix):
         """
         if rank is None:
             # tolerance of weight's own dtype: in float64, float32 round-off counts as rank
-            rank = max(1, int(torch.linalg.matrix_rank(weight.detach())))
+            rank = int(torch.linalg.matrix_rank(weight.detach()))
         return cls(weight.shape[1], weight.shape[0], rank, weight=weight, preserve_scale=False)
 
     @classmethod

@@ -237,7 +237,7 @@ def test_cell_bad_input(cell, call, error, match):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"matrix": "fixed", "rank_w": 0, "rank_u": 2}, r"rank=0"),
+    ({"matrix": "fixed", "rank_w": -1, "rank_u": 2}, r"rank=-1 out of range for a 5x3 matrix; expected an integer in \[0, 3\]"),
     ({"matrix": "fixed", "rank_w": 2, "rank_u": 9}, r"rank=9"),
     ({"matrix": "str", "rank_u": 9}, r"max_rank=9"),
     ({"matrix": "fixed"}, r"matrix='fixed' needs a rank"),

@@ -120,6 +120,8 @@ def test_nonfinite_stop_exits_1(tmp_path, capsys, tiny_data, monkeypatch):
     (["--mode", "tiny"], "invalid choice: 'tiny'"),
     (["--mode", "fixed", "--rank-w", "40", "--rank-u", "2"], "rank=40 out of range"),
     (["--mode", "str", "--rank-u", "7"], "rank"),
+    (["--mode", "fixed", "--rank-w", "0", "--rank-u", "2"], "rank_w=0: expected a positive integer"),
+    (["--mode", "str", "--rank-u", "0"], "rank_u=0: expected a positive integer (0 only with mode=fixed)"),
     (["--mode", "fixed"], "mode=fixed needs rank_w"),
     (["--lr", "-1"], "lr=-1.0"),
     (["--select", "budget"], "select=budget needs"),

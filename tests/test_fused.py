@@ -31,20 +31,21 @@ def _prune(m: LowRankSTR, r: int) -> None:
     """Raise the threshold so that exactly the ``r`` largest ``|σ|`` stay active."""
     with torch.no_grad():
         mags = m.sigma.abs().sort(descending=True).values.double()
-        cut = float((mags[r - 1] + mags[r]) / 2)
+        cut = float((mags[r - 1] + mags[r]) / 2) if r else 2 * float(mags[0])
         m.threshold.s.fill_(math.log(cut) if m.threshold.g == "exp" else math.log(cut / (1 - cut)))
     assert m.rank == r
 
 
 def _model(cell: str, matrix: str, num_layers: int) -> RNN:
-    """A float64 reference model; ``str-pruned`` has factored (two-matrix) chains."""
-    kind = "str" if matrix == "str-pruned" else matrix
-    kwargs = {"rank_w": 2, "rank_u": 2} if kind == "fixed" else {}
+    """A float64 reference model; ``str-pruned`` has factored (two-matrix) chains;
+    ``str-u0`` and ``fixed-u0`` a recurrent matrix of rank 0 (empty factors)."""
+    kind = {"str-pruned": "str", "str-u0": "str", "fixed-u0": "fixed"}.get(matrix, matrix)
+    kwargs = {"rank_w": 2, "rank_u": 0 if matrix == "fixed-u0" else 2} if kind == "fixed" else {}
     rnn = RNN(cell, F, H, num_layers=num_layers, matrix=kind, fused=False, **kwargs).double()
-    if matrix == "str-pruned":
+    if matrix in ("str-pruned", "str-u0"):
         for layer in rnn.layers:
             _prune(layer.W, 1)
-            _prune(layer.U, 1)
+            _prune(layer.U, 0 if matrix == "str-u0" else 1)
             # the factored path of the kernels is what is tested
             assert len(fused_ops.chain(layer.W, fused_ops.INPUT_FACTORED_MAX)) == 2
             assert len(fused_ops.chain(layer.U)) == 2
@@ -137,7 +138,8 @@ def compiled(request, monkeypatch):
 
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("use_lengths", [False, True])
-@pytest.mark.parametrize("matrix", ["str", "str-pruned", "fixed", "dense", "sparse"])
+@pytest.mark.parametrize("matrix", ["str", "str-pruned", "str-u0", "fixed", "fixed-u0", "dense",
+                                    "sparse"])
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_fused_outputs_and_gradients_equal_reference(cell, matrix, use_lengths, num_layers, compiled):
     ref, fast = _pair(cell, matrix, num_layers)
@@ -276,7 +278,7 @@ def test_runs_under_distributed_data_parallel(tmp_path):
 # -- no-gradient paths ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("batch", [1, infer_mod.MAX_BATCH + 2])
-@pytest.mark.parametrize("matrix", ["str-pruned", "fixed", "dense", "sparse"])
+@pytest.mark.parametrize("matrix", ["str-pruned", "str-u0", "fixed", "fixed-u0", "dense", "sparse"])
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_no_grad_forward_equals_reference(cell, matrix, batch):
     """Small batches take the NumPy loops, larger ones the fused kernels without a graph."""

@@ -36,14 +36,15 @@ def models(prune_to_rank):
 
     ``dense``: one-matrix chains; ``compact``: learned ranks pruned and compacted (fixed-rank
     factors, read in place by the streaming plan); ``str``: learned-rank matrices, pruned
-    (factors computed at every call).
+    (factors computed at every call); ``str-u0``: the same with ``U`` pruned to rank 0
+    (empty factors, ``U = 0``).
     """
     def make(cell: str, matrix: str, dtype: torch.dtype = torch.float32) -> tuple[RNN, RNN]:
         rnn = RNN(cell, F, H, num_layers=2, matrix="dense" if matrix == "dense" else "str")
         if matrix != "dense":
             for layer in rnn.layers:
                 prune_to_rank(layer.W, 2)
-                prune_to_rank(layer.U, 3)
+                prune_to_rank(layer.U, 0 if matrix == "str-u0" else 3)
         with torch.no_grad():  # biases and scalars off their round initial values
             for name, p in rnn.named_parameters():
                 if name.endswith(("bias_z", "bias_h", "bias", "zeta", "nu", "alpha", "beta")):
@@ -72,7 +73,7 @@ def _initial(cell: str, batch: int, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [1, infer.MAX_BATCH])
-@pytest.mark.parametrize("matrix", ["dense", "compact", "str"])
+@pytest.mark.parametrize("matrix", ["dense", "compact", "str", "str-u0"])
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_sequence_equals_reference(cell, matrix, batch, dtype, loops, models, monkeypatch):
     ref, fast = models(cell, matrix, dtype)
@@ -94,7 +95,7 @@ def test_sequence_equals_reference(cell, matrix, batch, dtype, loops, models, mo
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [1, infer.MAX_BATCH])
-@pytest.mark.parametrize("matrix", ["dense", "compact", "str"])
+@pytest.mark.parametrize("matrix", ["dense", "compact", "str", "str-u0"])
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_streaming_equals_reference(cell, matrix, batch, dtype, loops, models):
     ref, fast = models(cell, matrix, dtype)
@@ -109,7 +110,7 @@ def test_streaming_equals_reference(cell, matrix, batch, dtype, loops, models):
     _assert_close(torch.stack(outs, 1), out_r, dtype)
     _assert_close(s, h_r, dtype)
     plan = fast.__dict__["_stream_cache"]
-    assert plan.reusable == (matrix != "str")
+    assert plan.reusable == (not matrix.startswith("str"))
     assert all((layer.kernel is not None) == (loops == "compiled") for layer in plan.layers)
 
 

@@ -102,6 +102,10 @@ def test_fixed_rank_chain_and_params():
     assert len(m.chain()) == 2 and m.flops() == 2 * 3 * 36
     x = torch.randn(2, 20)
     torch.testing.assert_close(m(x), x @ m.weight.T, atol=1e-5, rtol=1e-5)
+    zero = FixedRank(20, 16, 0)  # rank 0: empty factors, M = 0, nothing to store or compute
+    assert zero.effective_params == zero.flops() == sum(p.numel() for p in zero.parameters()) == 0
+    assert torch.equal(zero(x), torch.zeros(2, 16))
+    assert FixedRank.from_dense(torch.zeros(16, 20)).rank == 0
 
 
 def test_sparse_str_prunes_entries():
@@ -220,8 +224,7 @@ def test_make_matrix_kinds(kind, cls):
 
 
 @pytest.mark.parametrize("make, error, match", [
-    (lambda: FixedRank(4, 6, 0), ValueError, r"rank=0 .*\[1, 4\]"),
-    (lambda: FixedRank(4, 6, 5), ValueError, r"rank=5 .*\[1, 4\]"),
+    (lambda: FixedRank(4, 6, 5), ValueError, r"rank=5 .*\[0, 4\]"),
     (lambda: LowRankSTR(4, 6, max_rank=0), ValueError, r"max_rank=0"),
     (lambda: LowRankSTR(4, 6, max_rank=7), ValueError, r"max_rank=7"),
     (lambda: LowRankSTR(4, 6, init="random"), ValueError, r"init='random'"),

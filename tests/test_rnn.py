@@ -184,7 +184,7 @@ def test_lstm_state_must_be_a_pair():
     (("gru", 0, H), {}, r"input_size=0"),
     (("gru", F, H), {"matrix": "svd"}, r"matrix='svd'"),
     (("gru", F, H), {"matrix": "fixed"}, r"needs a rank"),
-    (("gru", F, H), {"matrix": "fixed", "rank_w": 0, "rank_u": 2}, r"rank=0"),
+    (("gru", F, H), {"matrix": "fixed", "rank_w": -1, "rank_u": 2}, r"rank=-1"),
     (("gru", F, H), {"matrix": "fixed", "rank_w": 2, "rank_u": 6}, r"rank=6"),
 ])
 def test_rnn_bad_arguments(args, kwargs, match):

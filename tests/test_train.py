@@ -131,6 +131,35 @@ def test_compacted_model_scores_like_the_model(tmp_path):
     torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_fixed_rank_trains_without_a_recurrent_matrix(tmp_path):
+    """``rank_u=0``: the (r, 0) allocation learned rank reaches on small budgets, as a
+    fixed-rank baseline. U costs nothing, stays zero, and the saved models score alike."""
+    splits = tiny_splits()
+    rows = {}
+    for rank_u in (0, 1):
+        rows[rank_u] = train(tiny_config(epochs=2, mode="fixed", rank_w=2, rank_u=rank_u),
+                             tmp_path / f"u{rank_u}", datasets=splits)
+    assert (rows[0]["final_rank_w_total"], rows[0]["final_rank_u_total"]) == (2, 0)
+    hidden = 6  # tiny_config's FastGRNN: U is hidden x hidden, one rank of it costs 2 * hidden
+    assert rows[1]["final_params"] - rows[0]["final_params"] == 2 * hidden
+    model, small = str_rnn.load(tmp_path / "u0" / "final"), str_rnn.load(tmp_path / "u0" / "compact")
+    u = model.rnn.layers[0].U
+    assert u.rank == 0 and sum(p.numel() for p in u.parameters()) == 0 and not u.weight.any()
+    x = splits["test"].x
+    torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
+    assert engine.evaluate(model, splits["test"]) == rows[0]["final_test_acc"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"mode": "fixed", "rank_w": 0, "rank_u": 2}, "rank_w=0: expected a positive integer"),
+    ({"mode": "str", "rank_u": 0}, r"rank_u=0: expected a positive integer \(0 only with mode=fixed\)"),
+])
+def test_config_allows_rank_zero_only_for_a_fixed_u(changes, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**changes).resolved()
+    assert tiny_config(mode="fixed", rank_w=2, rank_u=0).resolved().rank_u == 0
+
+
 def test_fresh_run_refuses_a_used_directory_and_bad_ranks_write_nothing(tmp_path):
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "x").write_text("")
