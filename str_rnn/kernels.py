@@ -74,7 +74,7 @@ def _rows(m, mt):
 
 @numba.njit(**_JIT)
 def _chain(x, m1, m1t, m2, m2t):
-    """``M_2 (M_1 x)`` (``M_1 x`` when both ``M_2`` operands are empty) for every row of ``x``."""
+    """``M_2 (M_1 x)`` (``M_1 x`` when both ``M_2`` operands are ``(0, 0)``) for every row of ``x``."""
     y = np.empty((x.shape[0], _rows(m1, m1t)), x.dtype)
     _matvec(x, m1, m1t, y)
     # absent is both operands (0, 0); a rank-0 factor is empty along one side only
