@@ -30,6 +30,13 @@ DEFAULT_HIDDEN = {"har2": 80, "har6": 80, "kws12": 100, "kws35": 100, "fsdd": 10
 # (x0.1 underfits: 3-5 points lost on kws12 at 40 epochs, 3-4 on FSDD at 60; no x1 run there
 # exploded); on HAR x0.1 (x1 made long runs explode unless ||U||_2 was capped).
 DEFAULT_LR_FACTORS = {"har2": 0.1, "har6": 0.1, "kws12": 1.0, "kws35": 1.0, "fsdd": 1.0}
+# Pruning to target_params, the recipes of experiments/README.md: (lambda, share of the epochs
+# that prune). HAR-2: lambda 2 over 100 of 300 epochs; FSDD: 4 over 30 of 60 (ahead of 10 of
+# 60); kws12: 1 over 8 of 40. The lambda that keeps pruning on schedule grows with the steps
+# per epoch being fewer (64 on HAR-2, 24 on FSDD at batch 100). har6 and kws35 follow har2 and
+# kws12 by analogy (not measured).
+DEFAULT_PRUNING = {"har2": (2.0, 1 / 3), "har6": (2.0, 1 / 3), "kws12": (1.0, 1 / 5), "kws35": (1.0, 1 / 5),
+                   "fsdd": (4.0, 1 / 2)}
 # FastGRNN's schedule: lr x0.1 after 2/3 of the epochs (200 of 300).
 STEP_FRACTION = 2 / 3
 
@@ -85,14 +92,15 @@ class OptimConfig:
     lr_steps: list[int] | None = _f(None, "epochs after which schedule=step multiplies the lr by lr_gamma")
     lr_gamma: float = _f(0.1, "step schedule factor")
     weight_decay: float = _f(0.0, "decoupled weight decay on every weight (not sigma, not s)")
-    spectrum_decay: float = _f(0.0, "decoupled decay lambda on sigma of learned-rank matrices (drives ranks "
-                               "down; see spectrum_penalty)")
+    spectrum_decay: float | None = _f(None, "decoupled decay lambda on sigma of learned-rank matrices (drives "
+                                      "ranks down; see spectrum_penalty)")
     threshold_decay: float | None = _f(None, "decoupled decay on the threshold parameters s, pulling s "
                                        "towards threshold_target")
-    spectrum_penalty: str = _f("l2", "how spectrum_decay acts on sigma each step: l2 = sigma *= 1 - lr*lambda "
+    spectrum_penalty: str = _f("auto", "how spectrum_decay acts on sigma each step: l2 = sigma *= 1 - lr*lambda "
                                "(STR's weight decay, never reaches 0 by itself); l1 = |sigma| -= lr*lambda "
                                "clipped at 0 (the proximal step of the nuclear norm: entries reach 0 and "
-                               "are pruned under any threshold)", choices=("l2", "l1"))
+                               "are pruned under any threshold); auto = l1 with target_params, else l2",
+                               choices=("auto", "l2", "l1"))
     threshold_target: float = _f(0.0, "value that threshold_decay pulls s towards: s -= lr*lambda*(s - "
                                  "target). 0 is STR's plain decay; with g = exp the threshold then never "
                                  "exceeds exp(0) = 1, so raise the target to let it grow further")
@@ -101,13 +109,15 @@ class OptimConfig:
     prune_epochs: int | None = _f(None, "epochs during which spectrum_decay and threshold_decay act (the ranks "
                                   "are learned); afterwards they stop (weight_decay goes on), the thresholds are "
                                   "frozen and pruned directions stay pruned, so the surviving directions "
-                                  "fine-tune at the learned rank (default: decay all run)")
+                                  "fine-tune at the learned rank")
     target_params: int | None = _f(None, "prune to this many effective parameters (gradual pruning): during "
                                    "prune_epochs the spectrum and threshold decay act only while the model "
                                    "holds more than a cubic schedule from its starting size down to "
                                    "target_params (reached at 3/4 of prune_epochs), then more than "
                                    "target_params; spectrum_decay is then the fastest pruning rate. Needs "
-                                   "mode str, prune_epochs and spectrum_decay > 0")
+                                   "mode str; spectrum_penalty, spectrum_decay and prune_epochs default to "
+                                   "the task's measured recipe (l1; HAR: 2 over a third of the epochs, kws: "
+                                   "1 over a fifth, FSDD: 4 over half)")
     exact_target: bool = _f(False, "with target_params: the directions a step would prune go one at a time, "
                             "smallest margin over the threshold first, only while the model is above the "
                             "schedule (then target_params); the others keep their margin, so the model lands "
@@ -286,8 +296,10 @@ class TrainConfig:
 
         ``hidden_size=None`` becomes the paper's size for the task; ``lr_factors=None`` the
         task's factor learning rate (1 for speech, 0.1 for HAR); ``lr_steps=None`` with the
-        step schedule becomes ``[round(2/3 * epochs)]``; ``threshold_decay=None`` becomes
-        ``spectrum_decay``.
+        step schedule becomes ``[round(2/3 * epochs)]``; ``spectrum_decay=None`` becomes 0,
+        ``spectrum_penalty="auto"`` l2 and ``threshold_decay=None`` ``spectrum_decay``. With
+        ``target_params`` the pruning takes the task's recipe (:data:`DEFAULT_PRUNING`) where
+        it is not given: l1, the task's λ, and ``prune_epochs`` its share of the epochs.
 
         Raises:
             ValueError: a value out of range or an inconsistent combination (named).
@@ -320,12 +332,12 @@ class TrainConfig:
             if c["mode"] != "str":
                 raise ValueError(f"target_params={c['target_params']} prunes learned ranks: it needs mode str, "
                                  f"not mode={c['mode']}")
-            if not c["prune_epochs"]:
+            if c["prune_epochs"] == 0:
                 raise ValueError(f"target_params={c['target_params']} needs prune_epochs >= 1 (the epochs "
-                                 f"over which it prunes), got prune_epochs={c['prune_epochs']!r}")
-            if not c["spectrum_decay"] > 0:
+                                 f"over which it prunes), got prune_epochs=0")
+            if c["spectrum_decay"] == 0:
                 raise ValueError(f"target_params={c['target_params']} needs spectrum_decay > 0 (the fastest "
-                                 f"pruning rate), got spectrum_decay={c['spectrum_decay']!r}")
+                                 f"pruning rate), got spectrum_decay=0.0")
         if c["exact_target"] and c["target_params"] is None:
             raise ValueError("exact_target=true lands the pruning on target_params: it needs target_params")
         if c["select"] == "budget" and c["budget_params"] is None and c["budget_bytes"] is None:
@@ -337,6 +349,14 @@ class TrainConfig:
             changes["hidden_size"] = DEFAULT_HIDDEN[c["task"]]
         if c["lr_steps"] is None and c["schedule"] == "step":
             changes["lr_steps"] = [max(1, round(STEP_FRACTION * c["epochs"]))]
+        decay, share = DEFAULT_PRUNING[c["task"]]
+        pruning_to_target = c["target_params"] is not None
+        if c["spectrum_decay"] is None:
+            changes["spectrum_decay"] = c["spectrum_decay"] = decay if pruning_to_target else 0.0
+        if c["spectrum_penalty"] == "auto":
+            changes["spectrum_penalty"] = "l1" if pruning_to_target else "l2"
+        if c["prune_epochs"] is None and pruning_to_target:
+            changes["prune_epochs"] = max(1, round(share * c["epochs"]))
         if c["threshold_decay"] is None:
             changes["threshold_decay"] = c["spectrum_decay"]
         if c["lr_factors"] is None:
@@ -439,7 +459,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, skip=()) -> None:
 def _show_default(name, default):
     if default is None:
         return {"hidden_size": "100 for speech tasks, 80 for HAR", "lr_factors": "1 for speech tasks, 0.1 for HAR",
+                "spectrum_decay": "0; with target_params 2 for HAR, 1 for kws, 4 for FSDD",
                 "lr_steps": "after 2/3 of the epochs",
+                "prune_epochs": "all epochs; with target_params a third of them for HAR, a fifth for kws, "
+                                "half for FSDD",
                 "threshold_decay": "spectrum_decay",
                 "data": "the task's default under the data home, see `str-rnn data list`"}.get(name, "none")
     return default

@@ -412,7 +412,7 @@ def test_exact_target_needs_target_params():
 
 @pytest.mark.parametrize("changes, message", [
     ({"mode": "fixed", "rank_w": 2, "rank_u": 2}, "needs mode str"),
-    ({"prune_epochs": None}, "needs prune_epochs"),
+    ({"prune_epochs": 0}, "needs prune_epochs >= 1"),
     ({"spectrum_decay": 0.0}, "needs spectrum_decay > 0"),
     ({"target_params": 0}, "target_params=0: expected a positive integer"),
 ])
@@ -420,6 +420,21 @@ def test_target_params_rejects_settings_it_cannot_use(changes, message):
     cfg = tiny_config(spectrum_decay=1.0, prune_epochs=2, target_params=100).replace(**changes)
     with pytest.raises(ValueError, match=message):
         cfg.resolved()
+
+
+@pytest.mark.parametrize("task, decay, prune_epochs", [("har2", 2.0, 100), ("fsdd", 4.0, 150), ("kws12", 1.0, 60)])
+def test_target_params_takes_the_tasks_pruning_recipe_where_not_given(task, decay, prune_epochs):
+    """l1, the task's λ and its share of the epochs (300 here); what the user gives is kept,
+    and without target_params nothing prunes (λ 0, l2, decay all run)."""
+    cfg = TrainConfig().replace(task=task, epochs=300, target_params=2000).resolved()
+    assert (cfg.spectrum_penalty, cfg.spectrum_decay, cfg.threshold_decay, cfg.prune_epochs) == (
+        "l1", decay, decay, prune_epochs)
+    given = TrainConfig().replace(task=task, target_params=2000, spectrum_penalty="l2", spectrum_decay=0.5,
+                                  prune_epochs=7).resolved()
+    assert (given.spectrum_penalty, given.spectrum_decay, given.prune_epochs) == ("l2", 0.5, 7)
+    plain = TrainConfig().replace(task=task).resolved()
+    assert (plain.spectrum_penalty, plain.spectrum_decay, plain.threshold_decay, plain.prune_epochs) == (
+        "l2", 0.0, 0.0, None)
 
 
 def test_hold_pruned_stops_momentum_reviving_a_pruned_direction():
