@@ -53,6 +53,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -721,6 +722,12 @@ class _Trainer:
         if self.dist.main:
             self._write_models(final, selected, best_model)
             runs.write_result(self.run_dir, row)  # last: its presence marks the run finished
+            if self.model.rnn.layers[0].W.rank == 0:
+                # too fast a pruning can take every direction of W: the accuracy then shows
+                # chance, but not why
+                warnings.warn(f"{self.run_dir}: the first layer's input matrix W was pruned to rank 0, so the "
+                              f"model ignores its input; prune more slowly (more --prune-epochs, a smaller "
+                              f"--spectrum-decay)", stacklevel=4)  # at the caller of train()
         return row
 
     def _write_models(self, final: dict, selected: dict | None, best_model) -> None:

@@ -22,6 +22,11 @@ from str_rnn.accounting import count_params
 from str_rnn.config import TrainConfig
 from str_rnn.train import NonFiniteError, TrainingInterrupted, train
 
+# Several tests prune these tiny models as far as they go; their warning that W reached
+# rank 0 is tested once, in test_a_model_whose_input_matrix_is_pruned_away_is_reported.
+pytestmark = pytest.mark.filterwarnings("ignore:.*ignores its input:UserWarning")
+
+
 class Tiny(torch.utils.data.Dataset):
     """``n`` sequences ``[steps, 3]`` whose class shifts the mean of the first feature."""
 
@@ -318,6 +323,15 @@ def test_spectrum_decay_lowers_the_rank_and_zero_keeps_it_full(tmp_path, penalty
     # decay on s raises the threshold, further for a larger lambda (it is not divided by Adam's scale)
     u = "final_threshold:rnn.layers.0.U.threshold"
     assert full[u] < 1e-4 < weak[u] < strong[u] < 1
+
+
+def test_a_model_whose_input_matrix_is_pruned_away_is_reported(tmp_path, recwarn):
+    train(tiny_config(epochs=1, spectrum_penalty="l1", spectrum_decay=1.0), tmp_path / "kept", datasets=tiny_splits())
+    assert not [w for w in recwarn if "ignores its input" in str(w.message)]
+    with pytest.warns(UserWarning, match="input matrix W was pruned to rank 0, so the model ignores its input"):
+        row = train(tiny_config(epochs=2, spectrum_penalty="l1", spectrum_decay=50.0), tmp_path / "gone",
+                    datasets=tiny_splits())
+    assert row["final_rank_w_total"] == 0
 
 
 def test_prune_epochs_freezes_thresholds_and_stops_decay(tmp_path):
